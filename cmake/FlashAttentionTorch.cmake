@@ -1,0 +1,37 @@
+# Locates the installed PyTorch through its Python package and defines the imported target
+# fa_torch::torch (headers + libc10/libtorch[_cuda]). The op library uses only the dispatcher API
+# (TORCH_LIBRARY), never Python's C API, so it does not link libtorch_python or libpython.
+find_package(Python COMPONENTS Interpreter REQUIRED)
+execute_process(
+  COMMAND ${Python_EXECUTABLE} -c "
+import os, torch
+from torch.utils import cpp_extension as ce
+print(','.join(ce.include_paths()))
+print(os.path.join(os.path.dirname(torch.__file__), 'lib'))
+print(int(torch._C._GLIBCXX_USE_CXX11_ABI))
+print(torch.__version__)"
+  OUTPUT_VARIABLE _fa_torch_out RESULT_VARIABLE _fa_torch_rc ERROR_VARIABLE _fa_torch_err
+  OUTPUT_STRIP_TRAILING_WHITESPACE)
+if(NOT _fa_torch_rc EQUAL 0)
+  message(FATAL_ERROR "PyTorch not importable by ${Python_EXECUTABLE}: ${_fa_torch_err}\n"
+                      "Install torch first, then build with: pip install --no-build-isolation .")
+endif()
+string(REPLACE "\n" ";" _fa_torch_lines "${_fa_torch_out}")
+list(GET _fa_torch_lines 0 _fa_torch_inc)
+list(GET _fa_torch_lines 1 FA_TORCH_LIBDIR)
+list(GET _fa_torch_lines 2 _fa_torch_abi)
+list(GET _fa_torch_lines 3 FA_TORCH_VERSION)
+string(REPLACE "," ";" _fa_torch_inc "${_fa_torch_inc}")
+message(STATUS "flash_attention: torch ${FA_TORCH_VERSION} in ${FA_TORCH_LIBDIR}")
+
+add_library(fa_torch::torch INTERFACE IMPORTED)
+set(_fa_torch_libs ${FA_TORCH_LIBDIR}/libc10.so ${FA_TORCH_LIBDIR}/libtorch_cpu.so ${FA_TORCH_LIBDIR}/libtorch.so)
+set(_fa_torch_defs _GLIBCXX_USE_CXX11_ABI=${_fa_torch_abi} TORCH_EXTENSION_NAME=_C)
+if(FA_CUDA_ARCHS)
+  list(APPEND _fa_torch_libs ${FA_TORCH_LIBDIR}/libc10_cuda.so ${FA_TORCH_LIBDIR}/libtorch_cuda.so CUDA::cudart)
+  list(APPEND _fa_torch_defs USE_CUDA=1)
+endif()
+set_target_properties(fa_torch::torch PROPERTIES
+  INTERFACE_INCLUDE_DIRECTORIES "${_fa_torch_inc}"
+  INTERFACE_LINK_LIBRARIES "${_fa_torch_libs}"
+  INTERFACE_COMPILE_DEFINITIONS "${_fa_torch_defs}")

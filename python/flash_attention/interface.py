@@ -1,0 +1,199 @@
+"""FlashAttention-2's public functions (same names, signatures, defaults, layouts and returns), plus
+`forward` / `forward_timed`. Every function also takes a keyword-only ``backend=`` (see backends.py).
+
+Layouts: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim) with
+nheads % nheads_k == 0; varlen: q (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim) and int32
+cu_seqlens of length batch + 1. Causal / window masks are aligned to the bottom-right corner.
+
+With return_attn_probs=True the functions return (out, softmax_lse, S_dmask): softmax_lse is
+(batch, nheads, seqlen_q) or, varlen, (nheads, total_q); S_dmask is, when dropout_p > 0, the softmax
+before dropout as (batch, nheads, seqlen_q, seqlen_k) fp32 with dropped elements negated (recomputed
+for testing; O(seqlen^2) memory), and None when dropout_p == 0 — as in FlashAttention-2.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import _checks, backends, reference
+
+__all__ = [
+    "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+    "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+    "forward", "forward_timed",
+]
+
+
+def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+               softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+               return_attn_probs, backend, config=""):
+    """Checks every argument, runs the chosen backend, shapes the FlashAttention-2 return value."""
+    call = _make_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                      return_attn_probs, config)
+    (out, lse, rng_state), _ = backends.run(call, backend)
+    if not return_attn_probs:
+        return out
+    return out, lse, _attn_probs(call, rng_state) if call.dropout_p > 0 else None
+
+
+def _make_call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
+               softcap, alibi_slopes, deterministic, need_lse, config) -> backends.Call:
+    varlen = cu_q is not None or cu_k is not None
+    _checks.qkv(q, k, v, varlen)
+    if varlen:
+        max_q, max_k = _checks.varlen(q, k, cu_q, cu_k, max_q, max_k)
+    batch = cu_q.shape[0] - 1 if varlen else q.shape[0]
+    _checks.alibi_slopes(alibi_slopes, q, batch)
+    return backends.Call(
+        q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q or 0,
+        max_seqlen_k=max_k or 0, dropout_p=_checks.dropout_p(dropout_p),
+        softmax_scale=_checks.softmax_scale(softmax_scale, q.shape[-1]), causal=bool(causal),
+        window=_checks.window_size(window_size), softcap=_checks.softcap(softcap),
+        alibi_slopes=alibi_slopes, deterministic=bool(deterministic), need_lse=bool(need_lse),
+        config=config)
+
+
+@torch.no_grad()
+def _attn_probs(call: backends.Call, rng_state: torch.Tensor) -> torch.Tensor:
+    *_, probs = reference.attention(
+        call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q,
+        call.max_seqlen_k, softmax_scale=call.softmax_scale, causal=call.causal, window=call.window,
+        softcap=call.softcap, alibi_slopes=call.alibi_slopes, dropout_p=call.dropout_p,
+        rng_state=rng_state, return_probs=True)
+    return probs
+
+
+def _no_block_table(block_table) -> None:
+    if block_table is not None:
+        raise ValueError("block_table (paged KV cache) is not supported by flash_attn_varlen_func; "
+                         "pass block_table=None")
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashAttention-2 API
+# ---------------------------------------------------------------------------------------------
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                    *, backend=None):
+    """Attention over q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim).
+
+    dropout_p: in [0, 1) (pass 0.0 at evaluation). softmax_scale: default 1/sqrt(headdim).
+    causal: bottom-right aligned causal mask. window_size: (left, right) sliding window, -1 = unbounded.
+    softcap: > 0 caps scores as softcap * tanh(scores / softcap). alibi_slopes: (nheads,) or
+    (batch, nheads) fp32; adds -slope * |i + seqlen_k - seqlen_q - j| to the scores.
+    deterministic: deterministic backward. return_attn_probs: also return (softmax_lse, S_dmask).
+    Returns out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask).
+    """
+    return _attention(q, k, v, None, None, None, None, dropout_p, softmax_scale, causal, window_size,
+                      softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False, *, backend=None):
+    """flash_attn_func with qkv packed as (batch, seqlen, 3, nheads, headdim)."""
+    _checks.packed(qkv, "qkv", 5, 3, "(batch, seqlen, 3, nheads, headdim)")
+    q, k, v = qkv.unbind(dim=2)
+    return _attention(q, k, v, None, None, None, None, dropout_p, softmax_scale, causal, window_size,
+                      softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False, *, backend=None):
+    """flash_attn_func with kv packed as (batch, seqlen_k, 2, nheads_k, headdim)."""
+    _checks.packed(kv, "kv", 5, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    k, v = kv.unbind(dim=2)
+    return _attention(q, k, v, None, None, None, None, dropout_p, softmax_scale, causal, window_size,
+                      softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None, *, backend=None):
+    """Attention over packed sequences: q (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim).
+
+    cu_seqlens_q/k: int32 (batch + 1,) cumulative sequence lengths starting at 0 and ending at
+    total_q/k; max_seqlen_q/k: the longest sequence. Values are checked (on CUDA this reads
+    cu_seqlens to the host once per call; skipped under torch.compile). block_table must be None.
+    """
+    _no_block_table(block_table)
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                      return_attn_probs, backend)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                     causal=False, window_size=(-1, -1), softcap=0.0,
+                                     alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                     *, backend=None):
+    """flash_attn_varlen_func with qkv packed as (total, 3, nheads, headdim)."""
+    _checks.packed(qkv, "qkv", 4, 3, "(total, 3, nheads, headdim)")
+    q, k, v = qkv.unbind(dim=1)
+    return _attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                      return_attn_probs, backend)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=0.0, softmax_scale=None, causal=False,
+                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False, *, backend=None):
+    """flash_attn_varlen_func with kv packed as (total_k, 2, nheads_k, headdim)."""
+    _checks.packed(kv, "kv", 4, 2, "(total_k, 2, nheads_k, headdim)")
+    k, v = kv.unbind(dim=1)
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                      return_attn_probs, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward / forward_timed
+# ---------------------------------------------------------------------------------------------
+
+_FORWARD_OPTIONS = {
+    "cu_seqlens_q": None, "cu_seqlens_k": None, "max_seqlen_q": None, "max_seqlen_k": None,
+    "dropout_p": 0.0, "softmax_scale": None, "causal": False, "window_size": (-1, -1),
+    "softcap": 0.0, "alibi_slopes": None, "deterministic": False, "return_attn_probs": False,
+    "backend": None,
+}
+
+
+def forward(q, k, v, config=None, **options):
+    """Attention with an optional CUDA kernel config (e.g. "sm80:m128n64w4s2"; None/"auto" = tuned).
+
+    options: any keyword of flash_attn_func / flash_attn_varlen_func (cu_seqlens_q/k and
+    max_seqlen_q/k select varlen) and backend=. A config runs only on the cuda backend and raises
+    ValueError when the kernels were not built with it.
+    """
+    unknown = sorted(set(options) - set(_FORWARD_OPTIONS))
+    if unknown:
+        raise TypeError(f"forward() got unexpected keyword argument(s): {', '.join(unknown)}")
+    if config is not None and not isinstance(config, str):
+        raise TypeError(f"config must be a str such as 'sm80:m128n64w4s2' (got {type(config).__name__})")
+    o = {**_FORWARD_OPTIONS, **options}
+    config = "" if config in (None, "auto") else config
+    return _attention(q, k, v, o["cu_seqlens_q"], o["cu_seqlens_k"], o["max_seqlen_q"],
+                      o["max_seqlen_k"], o["dropout_p"], o["softmax_scale"], o["causal"],
+                      o["window_size"], o["softcap"], o["alibi_slopes"], o["deterministic"],
+                      o["return_attn_probs"], o["backend"], config)
+
+
+def forward_timed(q, k, v, config=None, **options):
+    """(forward(q, k, v, config, **options), milliseconds): CUDA events on a GPU, perf_counter on CPU."""
+    if isinstance(q, torch.Tensor) and q.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = forward(q, k, v, config, **options)
+        end.record()
+        end.synchronize()
+        return result, start.elapsed_time(end)
+    begin = time.perf_counter()
+    result = forward(q, k, v, config, **options)
+    return result, (time.perf_counter() - begin) * 1e3

@@ -1,0 +1,207 @@
+#include "cpu/common.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common/philox.h"
+#include "cpu/simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace flash_attention::cpu {
+namespace {
+
+float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+#if defined(__FLT16_MANT_DIG__)
+float half_to_float(uint16_t h) {
+  _Float16 x;
+  std::memcpy(&x, &h, 2);
+  return static_cast<float>(x);
+}
+uint16_t float_to_half(float f) {
+  const _Float16 x = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  return h;
+}
+#else
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu;
+  float mag;
+  if (exp == 0) {
+    mag = std::ldexp(static_cast<float>(mant), -24);
+  } else if (exp == 31) {
+    mag = mant ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    mag = std::ldexp(static_cast<float>(mant | 0x400u), static_cast<int>(exp) - 25);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &mag, 4);
+  bits |= sign;
+  std::memcpy(&mag, &bits, 4);
+  return mag;
+}
+uint16_t float_to_half(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const float a = std::fabs(f);
+  if (std::isnan(f)) return sign | 0x7e00u;
+  if (a >= 65520.f) return sign | 0x7c00u;
+  if (a < 6.103515625e-05f) {  // subnormal: units of 2^-24, round to nearest even
+    return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.f));
+  }
+  int e;
+  const float m = std::frexp(a, &e);                                  // a = m * 2^e, m in [0.5, 1)
+  uint32_t mant = static_cast<uint32_t>(std::nearbyint(m * 2048.f));  // 11 bits incl. implicit
+  if (mant == 2048) {
+    mant = 1024;
+    ++e;
+  }
+  return sign | static_cast<uint16_t>(((e + 14) << 10) | (mant & 0x3ffu));
+}
+#endif
+
+// Short row copies: an inline vector loop beats a call to memcpy for rows of a few hundred bytes.
+void copy_floats(const float* src, int n, float* dst) {
+  int c = 0;
+  for (; c + kLanes <= n; c += kLanes) vstore(dst + c, vload(src + c));
+  for (; c < n; ++c) dst[c] = src[c];
+}
+
+}  // namespace
+
+void load_row(DType dtype, const void* src, int n, float* dst) {
+  if (dtype == DType::kFloat32) {
+    copy_floats(static_cast<const float*>(src), n, dst);
+    return;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(src);
+  if (dtype == DType::kBFloat16) {
+    for (int i = 0; i < n; ++i) dst[i] = bf16_to_float(h[i]);
+  } else {
+    for (int i = 0; i < n; ++i) dst[i] = half_to_float(h[i]);
+  }
+}
+
+void store_row(DType dtype, const float* src, int n, void* dst) {
+  if (dtype == DType::kFloat32) {
+    copy_floats(src, n, static_cast<float*>(dst));
+    return;
+  }
+  uint16_t* h = static_cast<uint16_t*>(dst);
+  if (dtype == DType::kBFloat16) {
+    for (int i = 0; i < n; ++i) h[i] = float_to_bf16(src[i]);
+  } else {
+    for (int i = 0; i < n; ++i) h[i] = float_to_half(src[i]);
+  }
+}
+
+namespace {
+struct StagingCache {
+  Buffer buffer;
+  int64_t floats = 0;
+};
+thread_local StagingCache staging_cache;
+}  // namespace
+
+StagingBuffer::StagingBuffer(int64_t floats) : floats_(floats) {
+  if (staging_cache.floats >= floats) {
+    buffer_ = std::move(staging_cache.buffer);
+    floats_ = staging_cache.floats;
+    staging_cache.floats = 0;
+  } else {
+    buffer_ = Buffer(floats);
+  }
+}
+
+StagingBuffer::~StagingBuffer() {
+  if (floats_ * 4 <= kKeepStagingBytes && floats_ > staging_cache.floats) {
+    staging_cache.buffer = std::move(buffer_);
+    staging_cache.floats = floats_;
+  }
+}
+
+int resolve_threads(int requested) {
+  if (requested > 0) return requested;
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+float transform_scores(float* s, int ld, int rows, int n, int i0, int j0, const ScoreOps& ops, float* dcap) {
+  if (ops.softcap <= 0.f && ops.slope == 0.f) return ops.scale;
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + int64_t{r} * ld;
+    if (ops.softcap > 0.f) {
+      const float inv_cap = ops.scale / ops.softcap;
+      for (int c = 0; c < n; ++c) {
+        const float t = std::tanh(row[c] * inv_cap);
+        row[c] = ops.softcap * t;
+        if (dcap) dcap[int64_t{r} * ld + c] = 1.f - t * t;
+      }
+    } else {
+      for (int c = 0; c < n; c += kLanes) vstore(row + c, vload(row + c) * ops.scale);
+    }
+    if (ops.slope != 0.f) {
+      const vfloat base = vsplat(static_cast<float>(i0 + r + ops.mask.shift() - j0));
+      for (int c = 0; c < n; c += kLanes) {
+        const vfloat dist = base - __builtin_convertvector(viota() + c, vfloat);
+        const vfloat adist = dist < 0.f ? -dist : dist;
+        vstore(row + c, vload(row + c) - ops.slope * adist);
+      }
+    }
+  }
+  return 1.f;
+}
+
+void mask_scores(float* s, int ld, int rows, int n, int i0, int j0, const Mask& mask) {
+  const vfloat neg_inf = vsplat(-std::numeric_limits<float>::infinity());
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + int64_t{r} * ld;
+    const int lo = mask.key_lo(i0 + r) - j0, hi = mask.key_hi(i0 + r) - j0;
+    for (int c = 0; c < n; c += kLanes) {
+      const vint col = viota() + c;
+      vstore(row + c, ((col < lo) | (col > hi)) ? neg_inf : vload(row + c));
+    }
+  }
+}
+
+// j0 is a multiple of 4, so each Philox call serves four consecutive keys (see dropout_keep).
+void apply_dropout(float* p, int ld, int rows, int n, int i0, int j0, int64_t bh,
+                   const ForwardParams& params) {
+  const float keep_scale = 1.f / (1.f - params.dropout_p);
+  for (int r = 0; r < rows; ++r) {
+    float* row = p + int64_t{r} * ld;
+    for (int c = 0; c < n; c += 4) {
+      const int64_t j = j0 + c;
+      const Philox4 block = dropout_block(params.philox_seed, params.philox_offset, bh, i0 + r, j >> 2);
+      const uint32_t words[4] = {block.x, block.y, block.z, block.w};
+      for (int w = 0; w < 4; ++w) {
+        const bool keep = philox_word_to_uniform(words[w]) >= params.dropout_p;
+        row[c + w] = keep ? row[c + w] * keep_scale : 0.f;
+      }
+    }
+  }
+}
+
+}  // namespace flash_attention::cpu

@@ -1,0 +1,70 @@
+// Arguments of the split-KV attention kernel over a KV cache (plain device pointers, element strides).
+//
+// Work decomposition: query rows of one KV head are packed together (row r of a tile = query index
+// r / G and head hk * G + r % G, G = H / Hk), so every K/V byte a CTA reads serves all query heads of its
+// group. grid = (num_splits, row_tiles * Hk, B); split s of a row tile covers a contiguous run of key tiles.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "flash_attention/status.h"
+
+namespace flash_attention::cuda::decode {
+
+struct DecodeArgs {
+  // Queries (already rotated), dense (B, Sq, H, D) or varlen (total_q, H, D) via cu_seqlens_q.
+  const void* q = nullptr;
+  int64_t q_batch = 0, q_row = 0, q_head = 0;
+  const int32_t* cu_seqlens_q = nullptr;
+
+  // Cache: rows addressed through block_table (paged) or cache_batch_idx / b (contiguous).
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t k_batch = 0, k_row = 0, k_head = 0;
+  int64_t v_batch = 0, v_row = 0, v_head = 0;
+  const int32_t* block_table = nullptr;
+  int64_t block_table_stride = 0;
+  int page_size = 0;       // paged: rows per page; contiguous: cache_seqlen
+  int max_blocks = 0;      // paged: columns of block_table
+  int cache_batch = 0;     // pages (paged) or cache rows (contiguous), for bounds
+  const int32_t* cache_batch_idx = nullptr;
+  const int32_t* cache_seqlens = nullptr;  // null: capacity
+  const int32_t* cache_leftpad = nullptr;
+  int capacity = 0;
+  int seqlen_new = 0;      // rows appended before this kernel runs
+
+  int batch = 0, seqlen_q = 0, heads = 0, heads_k = 0, head_dim = 0;
+  int64_t total_rows = 0;  // B * Sq (dense) or total_q (varlen)
+
+  float scale = 0.f;       // softmax scale
+  float softcap = 0.f;
+  const float* alibi = nullptr;
+  int64_t alibi_batch_stride = 0;
+  int window_left = -1, window_right = -1;
+
+  int num_splits = 1;
+  // num_splits == 1: final output. out rows: dense b * out_batch + i * out_row; varlen (q_start + i) * out_row.
+  void* out = nullptr;
+  int64_t out_batch = 0, out_row = 0, out_head = 0;
+  float* lse = nullptr;    // dense (B, H, Sq); varlen (H, total_q)
+  // num_splits > 1: partials (splits, total_rows, H, D) fp32 and (splits, total_rows, H) fp32.
+  float* out_accum = nullptr;
+  float* lse_accum = nullptr;
+};
+
+// Query rows packed per CTA (4 or 8), chosen from the group size times seqlen_q.
+int rows_per_tile(int group_rows);
+inline int row_tiles(const DecodeArgs& a, int rows) {
+  return (a.seqlen_q * (a.heads / a.heads_k) + rows - 1) / rows;
+}
+// Keys per tile for a head dim.
+inline int keys_per_tile(int head_dim) { return head_dim <= 128 ? 128 : 64; }
+
+// Launches the attention kernel compiled for head dim kHeadDim (>= args.head_dim) and Element.
+template <int kHeadDim, typename Element>
+Status run_decode(const DecodeArgs& args, cudaStream_t stream);
+
+}  // namespace flash_attention::cuda::decode

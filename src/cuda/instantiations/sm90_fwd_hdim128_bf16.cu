@@ -1,0 +1,11 @@
+// sm90 forward kernels for head dim 128, bf16 (both tiles of kFwdTiles).
+#include "cuda/sm90/fwd_launch.h"
+
+namespace flash_attention::sm90 {
+
+template <>
+Status run_fwd<128, DType::kBFloat16>(const ForwardParams& p, const FwdTile& tile) {
+  return launch_fwd_tile<128, cutlass::bfloat16_t>(p, tile);
+}
+
+}  // namespace flash_attention::sm90

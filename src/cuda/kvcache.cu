@@ -1,0 +1,397 @@
+// CUDA side of the KV-cache path: host-side index checks, the append + rotary kernels, the split-KV
+// attention dispatch (src/cuda/decode/decode_kernel.cuh) and the combine kernel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu/kvcache_cpu.h"
+#include "cpu/kvcache_rotary.h"
+#include "cuda/decode/decode_api.h"
+#include "cuda/decode/decode_args.h"
+
+namespace flash_attention::cuda {
+
+namespace decode {
+int rows_per_tile(int group_rows) { return group_rows <= 4 ? 4 : 8; }
+}  // namespace decode
+
+namespace {
+
+using decode::DecodeArgs;
+
+constexpr int kBuiltHeadDims[] = {FA_HEADDIMS_BUILT};
+constexpr bool head_dim_built(int d) {
+  for (int built : kBuiltHeadDims) {
+    if (built == d) return true;
+  }
+  return false;
+}
+
+Status cuda_error(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  return Status::CudaError(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Element access and the per-row copy with rotary (one warp per head row)
+// ----------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename E> __device__ __forceinline__ E from_f(float x);
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+
+struct Rotary {
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  int64_t cos_stride = 0, sin_stride = 0;
+  int dim = 0;  // 0: plain copy
+  int rows = 0;
+  bool interleaved = true;
+};
+
+Rotary rotary_of(const KVCacheParams& p) {
+  if (!p.has_rotary()) return {};
+  return {p.rotary_cos, p.rotary_sin, p.rotary_cos_stride, p.rotary_sin_stride, p.rotary_dim, p.seqlen_rotary,
+          p.rotary_interleaved};
+}
+
+template <typename E>
+__device__ void copy_row_rotated(const E* src, E* dst, int head_dim, const Rotary& ro, int pos, int lane) {
+  const int half = ro.dim / 2;
+  pos = min(max(pos, 0), max(ro.rows - 1, 0));  // memory safety only: positions are checked on the host
+  const E* cos = static_cast<const E*>(ro.cos) + pos * ro.cos_stride;
+  const E* sin = static_cast<const E*>(ro.sin) + pos * ro.sin_stride;
+  for (int item = lane; item < half + head_dim - ro.dim; item += 32) {
+    if (item < half) {
+      const int i0 = kv::rotary_first(item, ro.dim, ro.interleaved);
+      const int i1 = kv::rotary_second(item, ro.dim, ro.interleaved);
+      float x0 = to_f(src[i0]), x1 = to_f(src[i1]);
+      kv::rotate_pair(x0, x1, to_f(cos[item]), to_f(sin[item]));
+      dst[i0] = from_f<E>(x0);
+      dst[i1] = from_f<E>(x1);
+    } else {
+      const int d = ro.dim + item - half;
+      dst[d] = src[d];
+    }
+  }
+}
+
+__device__ __forceinline__ int clamped_seqlen(const KVCacheParams& p, int b) {
+  const int capacity = p.block_table ? p.max_blocks_per_seq * p.cache_seqlen : p.cache_seqlen;
+  return p.cache_seqlens ? min(max(p.cache_seqlens[b], 0), capacity - p.seqlen_new) : capacity;
+}
+
+// k_new / v_new row (b, s, h) -> cache position cache_seqlens[b] + s (k rotated). grid (ceil(Sn * Hk / 4), B).
+template <typename E>
+__global__ void append_kernel(const KVCacheParams p, const Rotary ro) {
+  const int lane = threadIdx.x % 32, w = blockIdx.x * 4 + threadIdx.x / 32, b = blockIdx.y;
+  const int s = w / p.num_heads_k, h = w % p.num_heads_k;
+  if (s >= p.seqlen_new) return;
+  const int pos = clamped_seqlen(p, b) + s;
+  int64_t page, row;
+  if (p.block_table) {
+    page = p.block_table[b * p.block_table_stride + pos / p.cache_seqlen];
+    row = pos % p.cache_seqlen;
+  } else {
+    page = p.cache_batch_idx ? p.cache_batch_idx[b] : b;
+    row = pos;
+  }
+  if (page < 0 || page >= p.cache_batch) return;  // unchecked bad index: skip, never write out of bounds
+  const TensorStrides &kn = p.k_new_strides, &vn = p.v_new_strides, &kc = p.k_cache_strides, &vc = p.v_cache_strides;
+  copy_row_rotated(static_cast<const E*>(p.k_new) + b * kn.batch + s * kn.row + h * kn.head,
+                   static_cast<E*>(p.k_cache) + page * kc.batch + row * kc.row + h * kc.head, p.head_dim, ro, pos, lane);
+  copy_row_rotated(static_cast<const E*>(p.v_new) + b * vn.batch + s * vn.row + h * vn.head,
+                   static_cast<E*>(p.v_cache) + page * vc.batch + row * vc.row + h * vc.head, p.head_dim, Rotary{}, pos,
+                   lane);
+}
+
+// q row (b, i, h) -> q_rot (total_rows, H, D), rotated at its position. grid (ceil(Sq * H / 4), B).
+template <typename E>
+__global__ void rotate_q_kernel(const KVCacheParams p, const Rotary ro, E* q_rot, bool per_row) {
+  const int lane = threadIdx.x % 32, w = blockIdx.x * 4 + threadIdx.x / 32, b = blockIdx.y;
+  const int i = w / p.num_heads, h = w % p.num_heads;
+  const int64_t q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
+  const int sq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : p.seqlen_q;
+  if (i >= sq) return;
+  const int64_t src_row = p.cu_seqlens_q ? (q_start + i) * p.q_strides.row : b * p.q_strides.batch + i * p.q_strides.row;
+  const int64_t dst_row = p.cu_seqlens_q ? q_start + i : int64_t(b) * p.seqlen_q + i;
+  copy_row_rotated(static_cast<const E*>(p.q) + src_row + h * p.q_strides.head,
+                   q_rot + (dst_row * p.num_heads + h) * p.head_dim, p.head_dim, ro,
+                   clamped_seqlen(p, b) + (per_row ? i : 0), lane);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Combine: one warp per output row (b, i, h)
+// ----------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_reduce_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_reduce_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename E>
+__global__ void combine_kernel(const CombineParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t n = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;
+  if (n >= int64_t(p.batch) * p.seqlen * p.num_heads) return;
+  const int h = n % p.num_heads, i = (n / p.num_heads) % p.seqlen, b = n / (int64_t(p.num_heads) * p.seqlen);
+  const float* lse = p.lse_partial + b * p.lse_batch_stride + i * p.lse_row_stride + h * p.lse_head_stride;
+  float mx = -INFINITY;
+  for (int s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, lse[s * p.lse_split_stride]);
+  mx = warp_reduce_max(mx);
+  auto weight = [&](int s) { return mx == -INFINITY ? 0.f : __expf(lse[s * p.lse_split_stride] - mx); };
+  float sum = 0.f;
+  for (int s = lane; s < p.num_splits; s += 32) sum += weight(s);
+  sum = warp_reduce_sum(sum);
+  const TensorStrides& os = p.out_partial_strides;
+  const float* part = p.out_partial + b * os.batch + i * os.row + h * os.head;
+  E* out = static_cast<E*>(p.out) + b * p.out_strides.batch + i * p.out_strides.row + h * p.out_strides.head;
+  for (int d = lane; d < p.head_dim; d += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = weight(s);
+      if (w != 0.f) acc += w * part[s * p.out_partial_split_stride + d];
+    }
+    out[d] = from_f<E>(mx == -INFINITY ? 0.f : acc / sum);
+  }
+  if (lane == 0 && p.softmax_lse) {
+    p.softmax_lse[(int64_t(b) * p.num_heads + h) * p.seqlen + i] = mx == -INFINITY ? INFINITY : mx + __logf(sum);
+  }
+}
+
+Status launch_combine(const CombineParams& p) {
+  const int64_t rows = int64_t(p.batch) * p.seqlen * p.num_heads;
+  const dim3 grid(static_cast<unsigned>((rows + 3) / 4));
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  switch (p.out_dtype) {
+    case DType::kFloat16: combine_kernel<__half><<<grid, 128, 0, stream>>>(p); break;
+    case DType::kBFloat16: combine_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(p); break;
+    default: combine_kernel<float><<<grid, 128, 0, stream>>>(p);
+  }
+  return cuda_error(cudaGetLastError(), "combine kernel launch");
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Host side: checks, split heuristic, workspace, dispatch
+// ----------------------------------------------------------------------------------------------------
+
+Status check_alignment(const void* ptr, const TensorStrides& s, const char* name) {
+  const bool ok = reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && s.batch % 8 == 0 && s.row % 8 == 0 && s.head % 8 == 0;
+  if (ok) return Status::Ok();
+  return Status::NotSupported(std::string(name) + ": the CUDA kernels need 16-byte aligned rows (a 16-byte aligned "
+                              "base pointer and strides that are multiples of 8 elements)");
+}
+
+// Copies the index arrays to the host (one synchronisation) and range-checks them.
+Status check_indices_on_host(const KVCacheParams& p, cudaStream_t stream) {
+  std::vector<int32_t> cu, seqlens, leftpad, batch_idx, table;
+  auto fetch = [&](const int32_t* src, std::vector<int32_t>& dst, std::size_t n) {
+    if (src == nullptr) return cudaSuccess;
+    dst.resize(n);
+    return cudaMemcpyAsync(dst.data(), src, n * 4, cudaMemcpyDeviceToHost, stream);
+  };
+  FA_RETURN_IF_ERROR(cuda_error(fetch(p.cu_seqlens_q, cu, p.batch + 1), "copying cu_seqlens_q"));
+  FA_RETURN_IF_ERROR(cuda_error(fetch(p.cache_seqlens, seqlens, p.batch), "copying cache_seqlens"));
+  FA_RETURN_IF_ERROR(cuda_error(fetch(p.cache_leftpad, leftpad, p.batch), "copying cache_leftpad"));
+  FA_RETURN_IF_ERROR(cuda_error(fetch(p.cache_batch_idx, batch_idx, p.batch), "copying cache_batch_idx"));
+  KVCacheParams host = p;
+  if (p.block_table) {
+    const std::size_t width = std::size_t(p.max_blocks_per_seq) * 4;
+    table.resize(std::size_t(p.batch) * p.max_blocks_per_seq);
+    FA_RETURN_IF_ERROR(cuda_error(cudaMemcpy2DAsync(table.data(), width, p.block_table, p.block_table_stride * 4, width,
+                                                    p.batch, cudaMemcpyDeviceToHost, stream),
+                                  "copying block_table"));
+    host.block_table_stride = p.max_blocks_per_seq;
+  }
+  FA_RETURN_IF_ERROR(cuda_error(cudaStreamSynchronize(stream), "synchronising for the index checks"));
+  auto ptr = [](const std::vector<int32_t>& v) { return v.empty() ? nullptr : v.data(); };
+  return kv::check_indices(host, {ptr(cu), ptr(seqlens), ptr(leftpad), ptr(batch_idx), ptr(table)});
+}
+
+int sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 1;
+  }
+  return sms;
+}
+
+// Splits of the key range. With no request: the count that minimises (waves of CTAs) x (key tiles per
+// CTA), assuming two resident CTAs per SM; the capacity bounds the keys (the lengths live on the device).
+int choose_splits(const KVCacheParams& p, int sms) {
+  if (p.num_splits > 0) return p.num_splits;
+  const int group_rows = p.seqlen_q * (p.num_heads / p.num_heads_k);
+  const int rows = decode::rows_per_tile(group_rows);
+  const int64_t ctas = int64_t(p.batch) * p.num_heads_k * ((group_rows + rows - 1) / rows);
+  const int64_t tiles = (p.capacity() + decode::keys_per_tile(p.head_dim) - 1) / decode::keys_per_tile(p.head_dim);
+  const int64_t slots = 2 * int64_t(sms);
+  int best = 1;
+  double best_cost = 1e30;
+  for (int s = 1; s <= std::min<int64_t>(128, std::max<int64_t>(1, tiles / 2)); ++s) {
+    const double waves = double((ctas * s + slots - 1) / slots);
+    const double cost = waves * double((tiles + s - 1) / s + 1) + 0.02 * s;  // +1: per-CTA prologue / epilogue
+    if (cost < best_cost) best_cost = cost, best = s;
+  }
+  return best;
+}
+
+struct Workspace {
+  std::size_t q_rot = 0, out_accum = 0, lse_accum = 0, total = 0;
+};
+
+int64_t total_rows(const KVCacheParams& p) { return p.is_varlen() ? p.total_q : int64_t(p.batch) * p.seqlen_q; }
+
+Workspace workspace_layout(const KVCacheParams& p, int splits) {
+  auto round = [](std::size_t x) { return (x + 255) / 256 * 256; };
+  const std::size_t elems = std::size_t(total_rows(p)) * p.num_heads * p.head_dim;
+  Workspace w;
+  std::size_t at = 0;
+  if (p.has_rotary()) w.q_rot = at, at += round(elems * dtype_size(p.dtype));
+  if (splits > 1) {
+    w.out_accum = at, at += round(splits * elems * 4);
+    w.lse_accum = at, at += round(std::size_t(splits) * total_rows(p) * p.num_heads * 4);
+  }
+  w.total = at;
+  return w;
+}
+
+DecodeArgs decode_args(const KVCacheParams& p, int splits) {
+  DecodeArgs a;
+  a.q = p.q;
+  a.q_batch = p.q_strides.batch, a.q_row = p.q_strides.row, a.q_head = p.q_strides.head;
+  a.cu_seqlens_q = p.cu_seqlens_q;
+  a.k = p.k_cache, a.v = p.v_cache;
+  a.k_batch = p.k_cache_strides.batch, a.k_row = p.k_cache_strides.row, a.k_head = p.k_cache_strides.head;
+  a.v_batch = p.v_cache_strides.batch, a.v_row = p.v_cache_strides.row, a.v_head = p.v_cache_strides.head;
+  a.block_table = p.block_table;
+  a.block_table_stride = p.block_table_stride;
+  a.page_size = p.cache_seqlen;
+  a.max_blocks = p.max_blocks_per_seq;
+  a.cache_batch = p.cache_batch;
+  a.cache_batch_idx = p.cache_batch_idx;
+  a.cache_seqlens = p.cache_seqlens;
+  a.cache_leftpad = p.cache_leftpad;
+  a.capacity = static_cast<int>(p.capacity());
+  a.seqlen_new = p.seqlen_new;
+  a.batch = p.batch, a.seqlen_q = p.seqlen_q, a.heads = p.num_heads, a.heads_k = p.num_heads_k;
+  a.head_dim = p.head_dim;
+  a.total_rows = total_rows(p);
+  a.scale = p.softmax_scale, a.softcap = p.softcap;
+  a.alibi = p.alibi_slopes, a.alibi_batch_stride = p.alibi_batch_stride;
+  a.window_left = p.window_left, a.window_right = p.window_right;
+  a.num_splits = splits;
+  a.out = p.out;
+  a.out_batch = p.out_strides.batch, a.out_row = p.out_strides.row, a.out_head = p.out_strides.head;
+  a.lse = p.softmax_lse;
+  return a;
+}
+
+// Smallest built head-dim specialisation >= args.head_dim.
+template <typename E, int D, int... Rest>
+Status dispatch_head_dim(const DecodeArgs& a, cudaStream_t stream) {
+  if constexpr (head_dim_built(D)) {
+    if (a.head_dim <= D) return decode::run_decode<D, E>(a, stream);
+  }
+  if constexpr (sizeof...(Rest) > 0) {
+    return dispatch_head_dim<E, Rest...>(a, stream);
+  } else {
+    return Status::NotSupported("no CUDA KV-cache kernel was built for head_dim " + std::to_string(a.head_dim) +
+                                " (FLASH_ATTENTION_HEADDIMS)");
+  }
+}
+
+template <typename E>
+Status run(const KVCacheParams& p, int splits, char* ws_base, const Workspace& ws, cudaStream_t stream) {
+  const Rotary ro = rotary_of(p);
+  if (p.has_new_kv()) {
+    const dim3 grid((p.seqlen_new * p.num_heads_k + 3) / 4, p.batch);
+    append_kernel<E><<<grid, 128, 0, stream>>>(p, ro);
+    FA_RETURN_IF_ERROR(cuda_error(cudaGetLastError(), "append kernel launch"));
+  }
+  DecodeArgs a = decode_args(p, splits);
+  if (p.has_rotary()) {
+    E* q_rot = reinterpret_cast<E*>(ws_base + ws.q_rot);
+    const bool per_row = p.window_left >= 0 || (p.window_right >= 0 && p.window_right < p.capacity());
+    const dim3 grid((p.seqlen_q * p.num_heads + 3) / 4, p.batch);
+    rotate_q_kernel<E><<<grid, 128, 0, stream>>>(p, ro, q_rot, per_row);
+    FA_RETURN_IF_ERROR(cuda_error(cudaGetLastError(), "rotary kernel launch"));
+    a.q = q_rot;
+    a.q_head = p.head_dim, a.q_row = int64_t(p.num_heads) * p.head_dim, a.q_batch = p.seqlen_q * a.q_row;
+  }
+  if (splits > 1) {
+    a.out_accum = reinterpret_cast<float*>(ws_base + ws.out_accum);
+    a.lse_accum = reinterpret_cast<float*>(ws_base + ws.lse_accum);
+  }
+  FA_RETURN_IF_ERROR((dispatch_head_dim<E, 32, 64, 96, 128, 192, 256>(a, stream)));
+  if (splits == 1) return Status::Ok();
+
+  // Merge the partials (rows of all sequences packed: (splits, total_rows, H, D)).
+  CombineParams c;
+  c.out_dtype = p.dtype;
+  c.num_splits = splits;
+  c.batch = p.is_varlen() ? 1 : p.batch;
+  c.seqlen = p.is_varlen() ? static_cast<int>(p.total_q) : p.seqlen_q;
+  c.num_heads = p.num_heads;
+  c.head_dim = p.head_dim;
+  const int64_t row = int64_t(p.num_heads) * p.head_dim;
+  c.out_partial = a.out_accum;
+  c.out_partial_split_stride = a.total_rows * row;
+  c.out_partial_strides = {c.seqlen * row, row, p.head_dim};
+  c.lse_partial = a.lse_accum;
+  c.lse_split_stride = a.total_rows * p.num_heads;
+  c.lse_batch_stride = int64_t(c.seqlen) * p.num_heads, c.lse_row_stride = p.num_heads, c.lse_head_stride = 1;
+  c.out = p.out;
+  c.out_strides = p.is_varlen() ? TensorStrides{0, p.out_strides.row, p.out_strides.head} : p.out_strides;
+  c.softmax_lse = p.softmax_lse;
+  c.stream = stream;
+  if (c.seqlen == 0) return Status::Ok();
+  return launch_combine(c);
+}
+
+}  // namespace
+
+std::size_t kvcache_workspace_size(const KVCacheParams& params) {
+  return workspace_layout(params, choose_splits(params, sm_count())).total;
+}
+
+Status kvcache_forward(const KVCacheParams& p) {
+  if (p.dtype == DType::kFloat32) {
+    return Status::NotSupported("the CUDA KV-cache kernels serve float16 and bfloat16 (got float32)");
+  }
+  FA_RETURN_IF_ERROR(check_alignment(p.k_cache, p.k_cache_strides, "k_cache"));
+  FA_RETURN_IF_ERROR(check_alignment(p.v_cache, p.v_cache_strides, "v_cache"));
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  if (p.check_indices) FA_RETURN_IF_ERROR(check_indices_on_host(p, stream));
+
+  const int splits = choose_splits(p, sm_count());
+  const Workspace ws = workspace_layout(p, splits);
+  char* base = static_cast<char*>(p.workspace);
+  void* owned = nullptr;
+  if (ws.total > 0 && base == nullptr) {
+    FA_RETURN_IF_ERROR(cuda_error(cudaMallocAsync(&owned, ws.total, stream), "allocating the KV-cache workspace"));
+    base = static_cast<char*>(owned);
+  } else if (ws.total > p.workspace_bytes) {
+    return Status::InvalidArgument("workspace_bytes (" + std::to_string(p.workspace_bytes) +
+                                   ") is smaller than kvcache_workspace_size() (" + std::to_string(ws.total) + ")");
+  }
+  const Status status = p.dtype == DType::kFloat16 ? run<__half>(p, splits, base, ws, stream)
+                                                   : run<__nv_bfloat16>(p, splits, base, ws, stream);
+  if (owned) cudaFreeAsync(owned, stream);
+  return status;
+}
+
+Status combine(const CombineParams& params) { return launch_combine(params); }
+
+}  // namespace flash_attention::cuda

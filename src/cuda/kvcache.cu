@@ -15,10 +15,6 @@
 
 namespace flash_attention::cuda {
 
-namespace decode {
-int rows_per_tile(int group_rows) { return group_rows <= 4 ? 4 : 8; }
-}  // namespace decode
-
 namespace {
 
 using decode::DecodeArgs;
@@ -228,20 +224,20 @@ int sm_count() {
   return sms;
 }
 
-// Splits of the key range. With no request: the count that minimises (waves of CTAs) x (key tiles per
-// CTA), assuming two resident CTAs per SM; the capacity bounds the keys (the lengths live on the device).
+// Splits of the key range. With no request: the count that minimises (waves of CTAs) x (key steps per
+// CTA), with two resident CTAs per SM (one for head dims > 128, whose buffers are twice as large); the
+// capacity bounds the keys (the lengths live on the device).
 int choose_splits(const KVCacheParams& p, int sms) {
   if (p.num_splits > 0) return p.num_splits;
   const int group_rows = p.seqlen_q * (p.num_heads / p.num_heads_k);
-  const int rows = decode::rows_per_tile(group_rows);
-  const int64_t ctas = int64_t(p.batch) * p.num_heads_k * ((group_rows + rows - 1) / rows);
-  const int64_t tiles = (p.capacity() + decode::keys_per_tile(p.head_dim) - 1) / decode::keys_per_tile(p.head_dim);
-  const int64_t slots = 2 * int64_t(sms);
+  const int64_t ctas = int64_t(p.batch) * p.num_heads_k * ((group_rows + decode::kDecodeRows - 1) / decode::kDecodeRows);
+  const int64_t steps = (p.capacity() + decode::kDecodeKeys - 1) / decode::kDecodeKeys;
+  const int64_t slots = int64_t(sms) * (p.head_dim <= 128 ? 2 : 1);
   int best = 1;
   double best_cost = 1e30;
-  for (int s = 1; s <= std::min<int64_t>(128, std::max<int64_t>(1, tiles / 2)); ++s) {
+  for (int s = 1; s <= std::min<int64_t>(128, std::max<int64_t>(1, steps / 2)); ++s) {
     const double waves = double((ctas * s + slots - 1) / slots);
-    const double cost = waves * double((tiles + s - 1) / s + 1) + 0.02 * s;  // +1: per-CTA prologue / epilogue
+    const double cost = waves * double((steps + s - 1) / s + 1) + 0.02 * s;  // +1: per-CTA prologue / epilogue
     if (cost < best_cost) best_cost = cost, best = s;
   }
   return best;

@@ -1,6 +1,7 @@
 """Forward timing of the sm90 path against PyTorch SDPA (cuDNN, flash) on the device machine.
 
-    PYTHONPATH=python FLASH_ATTENTION_LIBRARY=build/dev/_C.so python tests/cuda/sm90_bench.py OUT.csv
+    PYTHONPATH=python:tests/cuda FLASH_ATTENTION_LIBRARY=build/dev/_C.so python tests/cuda/sm90_bench.py OUT.csv
+    (or FA_SM90_SHIM=build/.../sm90_shim.so instead of the op library: see sm90_run.py)
 
 FLOPs = 4 * B * H * Sq * Sk * D (halved when causal); median of triton.testing.do_bench; ~16k tokens
 per batch. Writes the CSV of benchmarks/results and prints a table of ours / cuDNN.

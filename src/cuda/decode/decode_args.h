@@ -2,7 +2,7 @@
 //
 // Work decomposition: query rows of one KV head are packed together (row r of a tile = query index
 // r / G and head hk * G + r % G, G = H / Hk), so every K/V byte a CTA reads serves all query heads of its
-// group. grid = (num_splits, row_tiles * Hk, B); split s of a row tile covers a contiguous run of key tiles.
+// group. grid = (row_tiles * Hk, num_splits, B); split s of a row tile covers a contiguous run of keys.
 #pragma once
 
 #include <cstddef>
@@ -55,13 +55,11 @@ struct DecodeArgs {
   float* lse_accum = nullptr;
 };
 
-// Query rows packed per CTA (4 or 8), chosen from the group size times seqlen_q.
-int rows_per_tile(int group_rows);
-inline int row_tiles(const DecodeArgs& a, int rows) {
-  return (a.seqlen_q * (a.heads / a.heads_k) + rows - 1) / rows;
+constexpr int kDecodeRows = 16;  // packed query rows per CTA (the m of mma.m16n8k16)
+constexpr int kDecodeKeys = 64;  // keys per CTA step: 4 warps x 16
+inline int row_tiles(const DecodeArgs& a) {
+  return (a.seqlen_q * (a.heads / a.heads_k) + kDecodeRows - 1) / kDecodeRows;
 }
-// Keys per tile for a head dim.
-inline int keys_per_tile(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 
 // Launches the attention kernel compiled for head dim kHeadDim (>= args.head_dim) and Element.
 template <int kHeadDim, typename Element>

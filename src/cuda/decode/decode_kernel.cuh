@@ -1,21 +1,24 @@
-// Split-KV attention over a (paged) KV cache: the memory-bound decode kernel.
+// Split-KV attention over a (paged) KV cache on the tensor cores (mma.sync m16n8k16, CuTe atoms).
 //
-// One CTA (128 threads) = (tile of kRows packed query rows of one KV head, split, batch). Per key tile:
-//   1. K and V rows stream into shared memory with 16-byte cp.async, two stages deep; the row addresses
-//      (page lookup) are computed once per key by one thread and kept in shared memory.
-//   2. q k^T: 2 (4 for head dims > 128) adjacent threads share a key, each summing alternate 16-byte
-//      chunks for every packed row (q is fp32 in shared memory, read as broadcasts); a shuffle adds the
-//      parts; then softcap / ALiBi / the mask.
-//   3. Online softmax: row maxima through warp shuffles + shared memory; every thread keeps the same
-//      running max m and its own partial row sums.
-//   4. P V: thread (group, chunk) accumulates 8 output dims over the keys of its group.
-// The epilogue reduces the partial sums and accumulators through shared memory and writes either the
-// final output + lse (one split) or fp32 partials for the combine kernel.
+// One CTA (4 warps) = (16 packed query rows of one KV head, split, batch): row r = query index r / G,
+// head hk * G + r % G, so every K/V byte read serves the whole GQA group. The CTA's key range is cut
+// into blocks of 16 keys; warp w takes blocks w, w + 4, ... and runs on its own (no CTA barrier per
+// block): a private 3-stage cp.async pipeline of 16-byte loads (K and V rows of its block, addresses
+// from the page table looked up one block ahead), S = Q K^T and O += P V with mma.sync, and an online
+// softmax on the accumulator fragments. At the end the four warps' (max, sum, O) are merged through
+// shared memory in a fixed order, and the CTA writes the output + lse (one split) or fp32 partials.
+//
+// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4): A (16x16) rows g / g+8, columns
+// 2t, 2t+1 (+8); B (16x8) rows 2t, 2t+1 (+8), column g; C (16x8) rows g / g+8, columns 2t, 2t+1.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <string>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/mma_sm80.hpp>
 #include <cutlass/arch/memory_sm80.h>
 
 #include "cuda/decode/decode_args.h"
@@ -25,65 +28,9 @@ namespace flash_attention::cuda::decode {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <int kHeadDim, int kRows>
-struct Traits {
-  static constexpr int kThreads = 128;
-  static constexpr int kWarps = kThreads / 32;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;  // keys per tile
-  static constexpr int kThreadsPerKey = kThreads / kBlockN;   // q k^T: 2 or 4 threads share one key
-  static constexpr int kChunks = kHeadDim / 8;                // 16-byte chunks per head row
-  static constexpr int kGroups = kThreads / kChunks;          // P V: key groups x chunks
-  static constexpr int kKeysPerGroup = (kBlockN + kGroups - 1) / kGroups;
-  static constexpr int kStages = 2;
-  // Row padding so that the threads of a quarter warp hit distinct banks: 32 bytes (2 threads per key,
-  // who read alternate chunks) or 64 bytes (4 threads per key).
-  static constexpr int kRowElems = kHeadDim + (kThreadsPerKey == 2 ? 16 : 32);
-  static_assert(kRows % 4 == 0 && kGroups >= 1 && kChunks % kThreadsPerKey == 0, "bad decode tile");
-
-  static constexpr int kKVBytes = kStages * 2 * kBlockN * kRowElems * 2;
-  static constexpr int kFloats = kRows * kHeadDim * 2 + kBlockN * kRows + kWarps * kRows + kRows;
-  static constexpr int kRowInfoBytes = kStages * kBlockN * 8;
-  static constexpr int kSmemBytes = kKVBytes + kFloats * 4 + kRowInfoBytes;
-};
-
 // ----------------------------------------------------------------------------------------------------
-// Small device helpers
+// Sequence geometry and key addresses
 // ----------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ void to_float8(const uint4& raw, float* f, __nv_bfloat16) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-
-__device__ __forceinline__ void to_float8(const uint4& raw, float* f, __half) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-    f[2 * i] = v.x;
-    f[2 * i + 1] = v.y;
-  }
-}
-
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store_float(__half* p, float v) { *p = __float2half_rn(v); }
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // One sequence as this kernel sees it (indices clamped so that nothing is ever read out of bounds).
 struct SeqView {
@@ -123,263 +70,306 @@ __device__ __forceinline__ int2 key_location(const DecodeArgs& a, const SeqView&
 // The kernel
 // ----------------------------------------------------------------------------------------------------
 
-template <int kHeadDim, int kRows, typename Element>
-__global__ void __launch_bounds__(Traits<kHeadDim, kRows>::kThreads)
-decode_kernel(const DecodeArgs a) {
-  using T = Traits<kHeadDim, kRows>;
-  extern __shared__ __align__(16) char smem[];
-  Element* kv_s = reinterpret_cast<Element*>(smem);                  // [stage][k|v][kBlockN][kRowElems]
-  float* q_s = reinterpret_cast<float*>(smem + T::kKVBytes);          // [kRows][kHeadDim], scaled
-  float* o_s = q_s + kRows * kHeadDim;                                // [kRows][kHeadDim]
-  float* p_s = o_s + kRows * kHeadDim;                                // [kBlockN][kRows]
-  float* red_s = p_s + T::kBlockN * kRows;                            // [kWarps][kRows]
-  float* lsum_s = red_s + T::kWarps * kRows;                          // [kRows]
-  int2* loc_s = reinterpret_cast<int2*>(lsum_s + kRows);              // [stage][kBlockN]
+template <int kHeadDim>
+struct Traits {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = kDecodeRows;
+  static constexpr int kBlock = kDecodeKeys / kWarps;        // keys per warp step
+  static constexpr int kStages = kHeadDim <= 128 ? 3 : 2;   // per warp
+  static constexpr int kChunks = kHeadDim / 8;              // 16-byte chunks per row
+  static constexpr int kRowElems = kHeadDim + 8;            // +16 bytes: ldmatrix rows hit distinct banks
+  static constexpr int kStageElems = 2 * kBlock * kRowElems;  // K then V
+  static constexpr int kKVBytes = kWarps * kStages * kStageElems * 2;
+  static constexpr int kQBytes = kRows * kRowElems * 2;
+  static constexpr int kMergeBytes = kWarps * kRows * kHeadDim * 4;  // reuses the K/V buffers
+  static constexpr int kSmemBytes = kKVBytes + kQBytes + 2 * kWarps * kRows * 4 + 2 * kRows * 4;
+  static_assert(kMergeBytes <= kKVBytes, "merge buffer must fit in the K/V buffers");
+  static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16");
+};
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+template <typename Element> struct MmaOp;
+template <> struct MmaOp<__nv_bfloat16> { using type = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
+template <> struct MmaOp<__half> { using type = cute::SM80_16x8x16_F32F16F16F32_TN; };
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_float(__half* p, float v) { *p = __float2half_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ void ldsm_x4(const T* smem, uint32_t (&r)[4]) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
+}
+template <typename T>
+__device__ __forceinline__ void ldsm_x4_trans(const T* smem, uint32_t (&r)[4]) {
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
+}
+
+template <typename Element>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  MmaOp<Element>::type::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2], d[3]);
+}
+
+template <int kHeadDim, typename Element>
+__global__ void __launch_bounds__(Traits<kHeadDim>::kThreads)
+decode_kernel(const DecodeArgs a) {
+  using T = Traits<kHeadDim>;
+  constexpr int kRows = T::kRows;
+  extern __shared__ __align__(16) char smem[];
+  Element* kv_s = reinterpret_cast<Element*>(smem);                       // [warp][stage][K|V][16][kRowElems]
+  Element* q_s = reinterpret_cast<Element*>(smem + T::kKVBytes);           // [16][kRowElems]
+  float* wm_s = reinterpret_cast<float*>(smem + T::kKVBytes + T::kQBytes);  // [warp][16] running max (log2)
+  float* wl_s = wm_s + T::kWarps * kRows;                                  // [warp][16] row sums
+  float* m_s = wl_s + T::kWarps * kRows;                                   // [16] merged max
+  float* l_s = m_s + kRows;                                                // [16] merged sum
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
   const int hk = blockIdx.x % a.heads_k, row_tile = blockIdx.x / a.heads_k;
   const int split = blockIdx.y, b = blockIdx.z;
   const int group = a.heads / a.heads_k;
   const SeqView s = seq_view(a, b);
   const int row0 = row_tile * kRows;
   const int rows = min(kRows, s.sq * group - row0);
-  if (rows <= 0) return;  // a short varlen sequence: these rows do not exist
+  if (rows <= 0) return;
 
-  // Key tiles this CTA visits: the visible range of its rows, cut into num_splits runs.
+  // Key blocks of this CTA: the visible range of its rows, cut into num_splits runs.
   const int offset = s.sk - s.sq;
   const int i_first = row0 / group, i_last = (row0 + rows - 1) / group;
   const int n_lo = a.window_left >= 0 ? max(0, i_first + offset - a.window_left) : 0;
   const int n_hi = a.window_right >= 0 ? min(s.sk, i_last + offset + a.window_right + 1) : s.sk;
-  const int t_lo = n_lo / T::kBlockN;
-  const int t_hi = n_hi > n_lo ? (n_hi + T::kBlockN - 1) / T::kBlockN : t_lo;
-  const int per_split = (t_hi - t_lo + a.num_splits - 1) / a.num_splits;
-  const int t_begin = min(t_hi, t_lo + split * per_split), t_end = min(t_hi, t_begin + per_split);
-  const int num_tiles = t_end - t_begin;
+  const int k_lo = n_lo / T::kBlock;
+  const int k_hi = n_hi > n_lo ? (n_hi + T::kBlock - 1) / T::kBlock : k_lo;
+  const int per_split = (k_hi - k_lo + a.num_splits - 1) / a.num_splits;
+  const int k_begin = min(k_hi, k_lo + split * per_split), k_end = min(k_hi, k_begin + per_split);
+  const int my_blocks = k_end - k_begin > warp ? (k_end - k_begin - warp + T::kWarps - 1) / T::kWarps : 0;
 
-  // Rows: query index, head, ALiBi slope.
-  int row_i[kRows], row_h[kRows];
-  float slope[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    row_i[r] = (row0 + r) / group;
-    row_h[r] = hk * group + (row0 + r) % group;
-    slope[r] = (a.alibi && r < rows) ? a.alibi[b * a.alibi_batch_stride + row_h[r]] * kLog2e : 0.f;
-  }
-
+  // Q tile (16 rows, bf16 / fp16) in shared memory; rows past `rows` and dims past head_dim are zero.
   const Element* q = static_cast<const Element*>(a.q);
-  for (int idx = tid; idx < kRows * kHeadDim; idx += T::kThreads) {
-    const int r = idx / kHeadDim, d = idx % kHeadDim;
-    float x = 0.f;
-    if (r < rows && d < a.head_dim) {
-      const int64_t qrow = a.cu_seqlens_q ? (s.q_start + row_i[r]) * a.q_row : b * a.q_batch + row_i[r] * a.q_row;
-      x = load_float(q + qrow + row_h[r] * a.q_head + d) * a.scale;
+  for (int c = tid; c < kRows * T::kChunks; c += T::kThreads) {
+    const int r = c / T::kChunks, ch = c % T::kChunks;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < rows && ch * 8 < a.head_dim) {
+      const int i = (row0 + r) / group, h = hk * group + (row0 + r) % group;
+      const int64_t qrow = a.cu_seqlens_q ? (s.q_start + i) * a.q_row : b * a.q_batch + i * a.q_row;
+      const Element* src = q + qrow + h * a.q_head + ch * 8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) reinterpret_cast<Element*>(&v)[e] = src[e];
     }
-    q_s[idx] = x;
-    o_s[idx] = 0.f;
+    *reinterpret_cast<uint4*>(q_s + r * T::kRowElems + ch * 8) = v;
   }
 
+  // This thread's two accumulator rows: g and g + 8.
+  int row_i[2], diag[2];
+  float slope[2];
+  bool row_ok[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = g + 8 * hr;
+    row_ok[hr] = r < rows;
+    row_i[hr] = (row0 + r) / group;
+    diag[hr] = row_i[hr] + offset;
+    const int h = hk * group + (row0 + r) % group;
+    slope[hr] = (a.alibi && row_ok[hr]) ? a.alibi[b * a.alibi_batch_stride + h] * kLog2e : 0.f;
+  }
+
+  // Per-warp pipeline over blocks k_begin + warp + 4 n.
+  Element* my_kv = kv_s + warp * T::kStages * T::kStageElems;
   const Element* kg = static_cast<const Element*>(a.k) + hk * a.k_head;
   const Element* vg = static_cast<const Element*>(a.v) + hk * a.v_head;
-  auto locate = [&](int tile, int stage) {
-    if (tid < T::kBlockN) loc_s[stage * T::kBlockN + tid] = key_location(a, s, b, tile * T::kBlockN + tid);
-  };
-  auto issue_loads = [&](int stage) {
-    Element* ks = kv_s + stage * 2 * T::kBlockN * T::kRowElems;
-    Element* vs = ks + T::kBlockN * T::kRowElems;
-#pragma unroll 4
-    for (int c = tid; c < T::kBlockN * T::kChunks; c += T::kThreads) {
+  auto block_key0 = [&](int n) { return (k_begin + warp + n * T::kWarps) * T::kBlock; };
+  auto locate = [&](int n) { return key_location(a, s, b, block_key0(n) + lane % T::kBlock); };
+  auto issue = [&](int stage, int2 loc) {  // lane l holds the location of row l % 16
+    Element* ks = my_kv + stage * T::kStageElems;
+    Element* vs = ks + T::kBlock * T::kRowElems;
+#pragma unroll
+    for (int c = lane; c < T::kBlock * T::kChunks; c += 32) {
       const int row = c / T::kChunks, ch = c % T::kChunks;
-      const int2 loc = loc_s[stage * T::kBlockN + row];
-      const bool ok = loc.x >= 0 && ch * 8 < a.head_dim;
-      const Element* ksrc = ok ? kg + loc.x * a.k_batch + loc.y * a.k_row + ch * 8 : kg;
-      const Element* vsrc = ok ? vg + loc.x * a.v_batch + loc.y * a.v_row + ch * 8 : vg;
+      const int page = __shfl_sync(0xffffffffu, loc.x, row), prow = __shfl_sync(0xffffffffu, loc.y, row);
+      const bool ok = page >= 0 && ch * 8 < a.head_dim;
+      const Element* ksrc = ok ? kg + page * a.k_batch + prow * a.k_row + ch * 8 : kg;
+      const Element* vsrc = ok ? vg + page * a.v_batch + prow * a.v_row + ch * 8 : vg;
       cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(ks + row * T::kRowElems + ch * 8, ksrc, ok);
       cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(vs + row * T::kRowElems + ch * 8, vsrc, ok);
     }
   };
 
-  // Prologue: locate and start loading the first kStages tiles.
 #pragma unroll
-  for (int st = 0; st < T::kStages; ++st) {
-    if (st < num_tiles) locate(t_begin + st, st);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int st = 0; st < T::kStages; ++st) {
-    if (st < num_tiles) issue_loads(st);
+  for (int st = 0; st < T::kStages - 1; ++st) {
+    if (st < my_blocks) issue(st, locate(st));
     cutlass::arch::cp_async_fence();
   }
+  int2 next_loc = T::kStages - 1 < my_blocks ? locate(T::kStages - 1) : int2{-1, 0};
+  __syncthreads();  // q_s
 
-  float m_run[kRows], l_part[kRows], acc[kRows][8];
+  float acc[kHeadDim / 8][4];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    m_run[r] = -INFINITY;
-    l_part[r] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
-  }
-  const int qk_key = tid / T::kThreadsPerKey, qk_part = tid % T::kThreadsPerKey;
-  const int pv_group = tid / T::kChunks, pv_chunk = tid % T::kChunks;
-  const bool pv_active = pv_group < T::kGroups;
+  for (int nt = 0; nt < kHeadDim / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  // ldmatrix row addresses: lane -> (matrix lane / 8, row lane % 8).
+  const int lm = lane / 8, lr = lane % 8;
+  const Element* q_frag = q_s + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
 
-  for (int t = 0; t < num_tiles; ++t) {
-    const int stage = t % T::kStages;
+  for (int n = 0; n < my_blocks; ++n) {
+    __syncwarp();  // every lane is done with the stage refilled below
+    const int fill = n + T::kStages - 1;
+    if (fill < my_blocks) issue(fill % T::kStages, next_loc);
+    cutlass::arch::cp_async_fence();
+    if (fill + 1 < my_blocks) next_loc = locate(fill + 1);
     cutlass::arch::cp_async_wait<T::kStages - 1>();
-    __syncthreads();
-    if (t + T::kStages < num_tiles) locate(t_begin + t + T::kStages, stage);  // used after the syncs below
-    const Element* ks = kv_s + stage * 2 * T::kBlockN * T::kRowElems;
-    const Element* vs = ks + T::kBlockN * T::kRowElems;
+    __syncwarp();
+    const Element* ks = my_kv + (n % T::kStages) * T::kStageElems;
+    const Element* vs = ks + T::kBlock * T::kRowElems;
 
-    // q k^T for key `key` of this tile: this thread sums chunks part, part + kThreadsPerKey, ...
-    float sc[kRows];
+    // S = Q K^T: 16 rows x 16 keys (two n-tiles of 8 keys).
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const Element* k_frag = ks + (lr + 8 * (lm / 2)) * T::kRowElems + 8 * (lm % 2);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) sc[r] = 0.f;
-#pragma unroll
-    for (int c = 0; c < T::kChunks / T::kThreadsPerKey; ++c) {
-      const int ch = c * T::kThreadsPerKey + qk_part;
-      float kf[8];
-      to_float8(*reinterpret_cast<const uint4*>(ks + qk_key * T::kRowElems + ch * 8), kf, Element());
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float4 q0 = *reinterpret_cast<const float4*>(q_s + r * kHeadDim + ch * 8);
-        const float4 q1 = *reinterpret_cast<const float4*>(q_s + r * kHeadDim + ch * 8 + 4);
-        sc[r] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
-                 q1.z * kf[6] + q1.w * kf[7];
-      }
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t qa[4], kb[4];
+      ldsm_x4(q_frag + kk * 16, qa);
+      ldsm_x4(k_frag + kk * 16, kb);
+      mma<Element>(sc[0], qa, kb[0], kb[1]);
+      mma<Element>(sc[1], qa, kb[2], kb[3]);
     }
-    // Sum the parts, transform and mask (log2 domain), then the tile's row maxima.
-    const int j = (t_begin + t) * T::kBlockN + qk_key;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int o = 1; o < T::kThreadsPerKey; o <<= 1) sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], o);
-      const int diag = row_i[r] + offset;
-      const bool visible = r < rows && j < s.sk && (a.window_right < 0 || j <= diag + a.window_right) &&
-                           (a.window_left < 0 || j >= diag - a.window_left);
-      float x = sc[r];
-      if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
-      x = x * kLog2e - slope[r] * fabsf(float(diag - j));
-      sc[r] = visible ? x : -INFINITY;
-      const float m = warp_max(sc[r]);
-      if (lane == 0) red_s[warp * kRows + r] = m;
-    }
-    __syncthreads();
 
-    // Online softmax: new running max, rescale factors, probabilities into p_s.
-    float alpha[kRows];
+    // Scale, softcap, ALiBi, mask (log2 domain); online softmax per row (a quad holds a row's 16 keys).
+    const int key0 = block_key0(n);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float m_new = m_run[r];
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = -INFINITY;
 #pragma unroll
-      for (int w = 0; w < T::kWarps; ++w) m_new = fmaxf(m_new, red_s[w * kRows + r]);
-      alpha[r] = m_new == -INFINITY ? 1.f : exp2f(m_run[r] - m_new);
-      const float p = sc[r] == -INFINITY ? 0.f : exp2f(sc[r] - m_new);
-      l_part[r] = l_part[r] * alpha[r] + (qk_part == 0 ? p : 0.f);
-      m_run[r] = m_new;
-      sc[r] = p;
-    }
+      for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-    for (int r = 0; r < kRows; r += 4) {
-      if (qk_part == 0) *reinterpret_cast<float4*>(p_s + qk_key * kRows + r) = make_float4(sc[r], sc[r + 1], sc[r + 2], sc[r + 3]);
-    }
-    __syncthreads();
-
-    // P V for this thread's 8 output dims over its key group.
-    if (pv_active) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[r][e] *= alpha[r];
-      }
-#pragma unroll 2
-      for (int kk = 0; kk < T::kKeysPerGroup; ++kk) {
-        const int key = pv_group + kk * T::kGroups;
-        if (T::kBlockN % T::kGroups != 0 && key >= T::kBlockN) break;
-        float vf[8];
-        to_float8(*reinterpret_cast<const uint4*>(vs + key * T::kRowElems + pv_chunk * 8), vf, Element());
-#pragma unroll
-        for (int r = 0; r < kRows; r += 4) {
-          const float4 p = *reinterpret_cast<const float4*>(p_s + key * kRows + r);
-          const float pr[4] = {p.x, p.y, p.z, p.w};
-#pragma unroll
-          for (int rr = 0; rr < 4; ++rr) {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r + rr][e] += pr[rr] * vf[e];
-          }
+        for (int e = 0; e < 2; ++e) {
+          const int j = key0 + 8 * nt + 2 * t4 + e;
+          const bool visible = row_ok[hr] && j < s.sk && (a.window_right < 0 || j <= diag[hr] + a.window_right) &&
+                               (a.window_left < 0 || j >= diag[hr] - a.window_left);
+          float x = sc[nt][2 * hr + e] * a.scale;
+          if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
+          x = x * kLog2e - slope[hr] * fabsf(float(diag[hr] - j));
+          sc[nt][2 * hr + e] = visible ? x : -INFINITY;
+          mx = fmaxf(mx, sc[nt][2 * hr + e]);
         }
       }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[hr], mx);
+      const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_run[hr] - m_new);
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = sc[nt][2 * hr + e];
+          x = x == -INFINITY ? 0.f : exp2f(x - m_new);
+          sum += x;
+        }
+      }
+      l_run[hr] = l_run[hr] * alpha + sum;
+      m_run[hr] = m_new;
+#pragma unroll
+      for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+        acc[nt][2 * hr] *= alpha;
+        acc[nt][2 * hr + 1] *= alpha;
+      }
     }
-    __syncthreads();
-    if (t + T::kStages < num_tiles) issue_loads(stage);
-    cutlass::arch::cp_async_fence();
+
+    // O += P V: P (16 x 16 keys) is the A operand straight from the S fragments.
+    const uint32_t pa[4] = {pack2(sc[0][0], sc[0][1], Element()), pack2(sc[0][2], sc[0][3], Element()),
+                            pack2(sc[1][0], sc[1][1], Element()), pack2(sc[1][2], sc[1][3], Element())};
+    const Element* v_frag = vs + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
+#pragma unroll
+    for (int np = 0; np < kHeadDim / 16; ++np) {
+      uint32_t vb[4];
+      ldsm_x4_trans(v_frag + np * 16, vb);
+      mma<Element>(acc[2 * np], pa, vb[0], vb[1]);
+      mma<Element>(acc[2 * np + 1], pa, vb[2], vb[3]);
+    }
   }
   cutlass::arch::cp_async_wait<0>();
 
-  // Epilogue: reduce row sums and accumulators across threads, in a fixed order (deterministic).
+  // Merge the warps: row max and sum, then the rescaled accumulators summed in warp order.
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const float l = warp_sum(l_part[r]);
-    if (lane == 0) red_s[warp * kRows + r] = l;
-  }
-  for (int g = 0; g < T::kGroups; ++g) {
-    if (pv_active && pv_group == g) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o_s[r * kHeadDim + pv_chunk * 8 + e] += acc[r][e];
-      }
+  for (int hr = 0; hr < 2; ++hr) {
+    l_run[hr] += __shfl_xor_sync(0xffffffffu, l_run[hr], 1);
+    l_run[hr] += __shfl_xor_sync(0xffffffffu, l_run[hr], 2);
+    if (t4 == 0) {
+      wm_s[warp * kRows + g + 8 * hr] = m_run[hr];
+      wl_s[warp * kRows + g + 8 * hr] = l_run[hr];
     }
-    __syncthreads();
   }
+  __syncthreads();  // also: every warp is done with its K/V buffers, reused below
   if (tid < kRows) {
-    float l = 0.f;
+    float m = -INFINITY, l = 0.f;
 #pragma unroll
-    for (int w = 0; w < T::kWarps; ++w) l += red_s[w * kRows + tid];
-    lsum_s[tid] = l;
+    for (int w = 0; w < T::kWarps; ++w) m = fmaxf(m, wm_s[w * kRows + tid]);
+#pragma unroll
+    for (int w = 0; w < T::kWarps; ++w) {
+      const float mw = wm_s[w * kRows + tid];
+      l += mw == -INFINITY ? 0.f : wl_s[w * kRows + tid] * exp2f(mw - m);
+    }
+    m_s[tid] = m;
+    l_s[tid] = l;
+  }
+  __syncthreads();
+  float* merge = reinterpret_cast<float*>(smem);  // [warp][16][kHeadDim]
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = g + 8 * hr;
+    const float scale = m_run[hr] == -INFINITY ? 0.f : exp2f(m_run[hr] - m_s[r]);
+    float* dst = merge + (warp * kRows + r) * kHeadDim + 2 * t4;
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+      *reinterpret_cast<float2*>(dst + 8 * nt) = make_float2(acc[nt][2 * hr] * scale, acc[nt][2 * hr + 1] * scale);
+    }
   }
   __syncthreads();
 
   const bool final = a.num_splits == 1;
-  for (int idx = tid; idx < kRows * a.head_dim; idx += T::kThreads) {
+  for (int idx = tid; idx < rows * a.head_dim; idx += T::kThreads) {
     const int r = idx / a.head_dim, d = idx % a.head_dim;
-    if (r >= rows) break;
-    const float l = lsum_s[r];
-    const float o = l > 0.f ? o_s[r * kHeadDim + d] / l : 0.f;
-    const int64_t row_g = a.cu_seqlens_q ? s.q_start + row_i[r] : int64_t(b) * a.seqlen_q + row_i[r];
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < T::kWarps; ++w) o += merge[(w * kRows + r) * kHeadDim + d];
+    const float l = l_s[r];
+    o = l > 0.f ? o / l : 0.f;
+    const int i = (row0 + r) / group, h = hk * group + (row0 + r) % group;
+    const int64_t row_g = a.cu_seqlens_q ? s.q_start + i : int64_t(b) * a.seqlen_q + i;
     if (final) {
-      const int64_t at = a.cu_seqlens_q ? row_g * a.out_row : b * a.out_batch + row_i[r] * a.out_row;
-      store_float(static_cast<Element*>(a.out) + at + row_h[r] * a.out_head + d, o);
+      const int64_t at = a.cu_seqlens_q ? row_g * a.out_row : b * a.out_batch + i * a.out_row;
+      store_float(static_cast<Element*>(a.out) + at + h * a.out_head + d, o);
     } else {
-      a.out_accum[((split * a.total_rows + row_g) * a.heads + row_h[r]) * a.head_dim + d] = o;
+      a.out_accum[((split * a.total_rows + row_g) * a.heads + h) * a.head_dim + d] = o;
     }
   }
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (tid != 0 || r >= rows) continue;
-    const float l = lsum_s[r];
-    const int64_t row_g = a.cu_seqlens_q ? s.q_start + row_i[r] : int64_t(b) * a.seqlen_q + row_i[r];
+  if (tid < rows) {
+    const int i = (row0 + tid) / group, h = hk * group + (row0 + tid) % group;
+    const int64_t row_g = a.cu_seqlens_q ? s.q_start + i : int64_t(b) * a.seqlen_q + i;
+    const float l = l_s[tid];
+    const float lse = l > 0.f ? m_s[tid] * kLn2 + logf(l) : (final ? INFINITY : -INFINITY);
     if (final) {
-      const float lse = l > 0.f ? m_run[r] * kLn2 + logf(l) : INFINITY;
-      const int64_t at = a.cu_seqlens_q ? int64_t(row_h[r]) * a.total_rows + row_g
-                                        : (int64_t(b) * a.heads + row_h[r]) * a.seqlen_q + row_i[r];
-      a.lse[at] = lse;
+      a.lse[a.cu_seqlens_q ? int64_t(h) * a.total_rows + row_g : (int64_t(b) * a.heads + h) * a.seqlen_q + i] = lse;
     } else {
-      a.lse_accum[(split * a.total_rows + row_g) * a.heads + row_h[r]] = l > 0.f ? m_run[r] * kLn2 + logf(l) : -INFINITY;
+      a.lse_accum[(split * a.total_rows + row_g) * a.heads + h] = lse;
     }
   }
 }
 
-// ----------------------------------------------------------------------------------------------------
-// Launch
-// ----------------------------------------------------------------------------------------------------
-
-template <int kHeadDim, int kRows, typename Element>
+template <int kHeadDim, typename Element>
 Status launch_decode(const DecodeArgs& a, cudaStream_t stream) {
-  using T = Traits<kHeadDim, kRows>;
-  auto kernel = decode_kernel<kHeadDim, kRows, Element>;
+  using T = Traits<kHeadDim>;
+  auto kernel = decode_kernel<kHeadDim, Element>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel setup: ") + cudaGetErrorString(err));
-  const dim3 grid(row_tiles(a, kRows) * a.heads_k, a.num_splits, a.batch);
+  const dim3 grid(row_tiles(a) * a.heads_k, a.num_splits, a.batch);
   kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel launch: ") + cudaGetErrorString(err));
@@ -388,8 +378,7 @@ Status launch_decode(const DecodeArgs& a, cudaStream_t stream) {
 
 template <int kHeadDim, typename Element>
 Status run_decode(const DecodeArgs& a, cudaStream_t stream) {
-  if (rows_per_tile(a.seqlen_q * (a.heads / a.heads_k)) == 4) return launch_decode<kHeadDim, 4, Element>(a, stream);
-  return launch_decode<kHeadDim, 8, Element>(a, stream);
+  return launch_decode<kHeadDim, Element>(a, stream);
 }
 
 }  // namespace flash_attention::cuda::decode

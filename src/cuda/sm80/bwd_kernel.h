@@ -208,23 +208,29 @@ __device__ void probs_to_grads(const BwdKernelParams& p, int64_t bh, int i0, int
 }
 
 // dq_accum rows += acc (the (M, D) tile at dst, rows kHeadDim floats apart) for rows inside the
-// sequence. Non-deterministic: fp32 atomics (many key blocks add to the same rows). Deterministic: this
-// CTA owns its split, so plain adds in a fixed order.
+// sequence, two adjacent columns at a time. Non-deterministic: fp32 atomics (many key blocks add to the
+// same rows; paired atomics on sm90). Deterministic: this CTA owns its split, so plain adds in order.
 template <int kBlockM, int kHeadDim, class Acc, class ThrMma, class Coords>
 __device__ void add_dq(float* dst, const Acc& acc, const ThrMma& thr, const Coords& coord, int rows_left,
                        bool deterministic) {
   Tensor g = thr.partition_C(
       make_tensor(make_gmem_ptr(dst), Shape<Int<kBlockM>, Int<kHeadDim>>{}, Stride<Int<kHeadDim>, _1>{}));
   const bool full = rows_left >= kBlockM;
-  if (deterministic) {
-    CUTE_UNROLL
-    for (int e = 0; e < size(acc); ++e) {
-      if (full || get<0>(coord(e)) < rows_left) g(e) += acc(e);
-    }
-  } else {
-    CUTE_UNROLL
-    for (int e = 0; e < size(acc); ++e) {
-      if (full || get<0>(coord(e)) < rows_left) atomicAdd(&g(e), acc(e));
+  CUTE_UNROLL
+  for (int e = 0; e < size(acc); e += 2) {
+    if (!full && get<0>(coord(e)) >= rows_left) continue;
+    auto* pair = reinterpret_cast<float2*>(&g(e));
+    const float2 add = make_float2(acc(e), acc(e + 1));
+    if (deterministic) {
+      const float2 old = *pair;
+      *pair = make_float2(old.x + add.x, old.y + add.y);
+    } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(pair, add);
+#else
+      atomicAdd(&pair->x, add.x);
+      atomicAdd(&pair->y, add.y);
+#endif
     }
   }
 }

@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(kRowKernelThreads) bwd_dsum_kernel(const __gri
                     i * p.o_row + h * p.o_head + c;
     const auto* d = static_cast<const Element*>(p.dout) + seq.q_base(b, p.do_batch, p.do_row) +
                     i * p.do_row + h * p.do_head + c;
-    Element ov[8], dv[8];
+    alignas(16) Element ov[8];
+    alignas(16) Element dv[8];
     *reinterpret_cast<uint4*>(ov) = *reinterpret_cast<const uint4*>(o);
     *reinterpret_cast<uint4*>(dv) = *reinterpret_cast<const uint4*>(d);
     CUTE_UNROLL
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) bwd_dq_kernel(const __grid_
     sum[0] += lo.x, sum[1] += lo.y, sum[2] += lo.z, sum[3] += lo.w;
     sum[4] += hi.x, sum[5] += hi.y, sum[6] += hi.z, sum[7] += hi.w;
   }
-  Element out[8];
+  alignas(16) Element out[8];
   CUTE_UNROLL
   for (int e = 0; e < 8; ++e) out[e] = static_cast<Element>(sum[e] * p.scale);
   auto* dq = static_cast<Element*>(p.dq) + seq.q_base(b, p.dq_batch, p.dq_row) + i * p.dq_row +
@@ -208,28 +209,33 @@ __device__ void probs_to_grads(const BwdKernelParams& p, int64_t bh, int i0, int
 }
 
 // dq_accum rows += acc (the (M, D) tile at dst, rows kHeadDim floats apart) for rows inside the
-// sequence, two adjacent columns at a time. Non-deterministic: fp32 atomics (many key blocks add to the
-// same rows; paired atomics on sm90). Deterministic: this CTA owns its split, so plain adds in order.
+// sequence, four adjacent columns at a time: in each m16n8 atom, lanes 2t and 2t+1 of a quad swap half
+// their values so that the even lane holds row g, columns 4t'..4t'+3 and the odd lane row g + 8.
+// Non-deterministic: fp32 atomics (many key blocks add to the same rows; 16-byte atomics on sm90).
+// Deterministic: this CTA owns its split, so plain adds in a fixed order.
 template <int kBlockM, int kHeadDim, class Acc, class ThrMma, class Coords>
 __device__ void add_dq(float* dst, const Acc& acc, const ThrMma& thr, const Coords& coord, int rows_left,
                        bool deterministic) {
   Tensor g = thr.partition_C(
       make_tensor(make_gmem_ptr(dst), Shape<Int<kBlockM>, Int<kHeadDim>>{}, Stride<Int<kHeadDim>, _1>{}));
   const bool full = rows_left >= kBlockM;
+  const bool odd = threadIdx.x & 1;
   CUTE_UNROLL
-  for (int e = 0; e < size(acc); e += 2) {
-    if (!full && get<0>(coord(e)) >= rows_left) continue;
-    auto* pair = reinterpret_cast<float2*>(&g(e));
-    const float2 add = make_float2(acc(e), acc(e + 1));
+  for (int e = 0; e < size(acc); e += 4) {  // acc(e .. e+3): (row g, cols c, c+1), (row g + 8, cols c, c+1)
+    const float r0 = __shfl_xor_sync(0xffffffffu, odd ? acc(e) : acc(e + 2), 1);
+    const float r1 = __shfl_xor_sync(0xffffffffu, odd ? acc(e + 1) : acc(e + 3), 1);
+    const float4 add = odd ? make_float4(r0, r1, acc(e + 2), acc(e + 3)) : make_float4(acc(e), acc(e + 1), r0, r1);
+    const int row = odd ? get<0>(coord(e + 2)) : get<0>(coord(e));
+    auto* quad = reinterpret_cast<float4*>(odd ? &g(e + 2) - 2 : &g(e));
+    if (!full && row >= rows_left) continue;
     if (deterministic) {
-      const float2 old = *pair;
-      *pair = make_float2(old.x + add.x, old.y + add.y);
+      const float4 old = *quad;
+      *quad = make_float4(old.x + add.x, old.y + add.y, old.z + add.z, old.w + add.w);
     } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      atomicAdd(pair, add);
+      atomicAdd(quad, add);
 #else
-      atomicAdd(&pair->x, add.x);
-      atomicAdd(&pair->y, add.y);
+      atomicAdd(&quad->x, add.x), atomicAdd(&quad->y, add.y), atomicAdd(&quad->z, add.z), atomicAdd(&quad->w, add.w);
 #endif
     }
   }

@@ -30,8 +30,10 @@ struct FwdArgs {
   int window_left = -1;     // -1 = unbounded; causal is window_right = 0
   int window_right = -1;
 
-  // Persistent tile schedule: tiles are (query block, head, batch); heads are taken in sections
-  // whose K/V fit in half the L2, and within a section the last (heaviest) query blocks come first.
+  // Persistent tile schedule: tiles are (query block, head, batch), taken in sections of
+  // heads_per_section (batch, head) pairs; within a section the last query blocks come first, heads
+  // fastest. Dense attention uses sections of one head (its query blocks run together and share K/V
+  // in L2); causal / local uses sections whose K/V fit in half the L2, for a heaviest-first order.
   int batch = 0;
   int m_blocks = 0;  // query blocks per (batch, head), from the (max) seqlen_q
   int num_tiles = 0;

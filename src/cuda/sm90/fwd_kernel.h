@@ -175,9 +175,13 @@ struct Tile {
 
 // Loops over the CTA's tiles, calling fn(tile, block_info) for those with keys to visit; tiles
 // whose rows see no key are written by `empty(tile, block_info)`.
+// CTAs take one tile per round, in CTA order on even rounds and reversed on odd ones (a heavy first
+// tile is followed by a light one under the heaviest-first order of causal schedules).
 template <class Traits, class Fn, class Empty>
 CUTE_DEVICE void for_each_tile(const FwdArgs& a, Fn&& fn, Empty&& empty) {
-  for (int t = blockIdx.x; t < a.num_tiles; t += gridDim.x) {
+  for (int round = 0; round * int(gridDim.x) < a.num_tiles; ++round) {
+    const int t = round * gridDim.x + (round % 2 == 0 ? blockIdx.x : gridDim.x - 1 - blockIdx.x);
+    if (t >= a.num_tiles) continue;
     const Tile tile = Tile::decode(a, t);
     const BlockInfo bi = BlockInfo::make<Traits::kBlockM, Traits::kBlockN>(a, tile.m_block, tile.b);
     if (tile.m_block * Traits::kBlockM >= bi.seqlen_q) continue;

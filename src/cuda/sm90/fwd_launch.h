@@ -69,7 +69,9 @@ inline Status schedule(const ForwardParams& p, int block_m, FwdArgs& a, int* gri
   a.m_blocks = (p.seqlen_q + block_m - 1) / block_m;
   a.num_tiles = int(tiles);
   const int64_t kv_bytes = std::max<int64_t>(1, int64_t(p.seqlen_k) * p.head_dim * 2 * 2);  // K + V, 16-bit
-  a.heads_per_section = int(std::clamp<int64_t>(l2_bytes / 2 / kv_bytes, 1, std::max<int64_t>(head_pairs, 1)));
+  const bool local = p.window_left >= 0 || p.window_right >= 0;
+  a.heads_per_section =
+      local ? int(std::clamp<int64_t>(l2_bytes / 2 / kv_bytes, 1, std::max<int64_t>(head_pairs, 1))) : 1;
   *grid = int(std::min<int64_t>(tiles, sms));
   return Status::Ok();
 }

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One GPU session in one command: build (sm90a, which also runs the sm80 path), the C++ and Python test
+# suites on the GPU, then the benchmarks. Logs and CSVs go to $OUT (default /tmp/fa-out); a short table
+# is printed last. Carry `.devcache` (CUTLASS headers + wheels the GPU machine lacks).
+#
+#   tools/device_check.sh                  # everything
+#   FA_STEPS="build test" tools/device_check.sh
+#   FA_HEADDIMS="64;128;256" FA_BENCH_SEQLENS=1024,4096,16384 tools/device_check.sh
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-/tmp/fa-out}"
+mkdir -p "$OUT"
+steps="${FA_STEPS:-build test bench}"
+headdims="${FA_HEADDIMS:-64;128;256}"
+seqlens="${FA_BENCH_SEQLENS:-1024,4096,16384}"
+start=$SECONDS
+say() { echo "[$((SECONDS - start))s] $*" | tee -a "$OUT/summary.txt"; }
+
+mkdir -p /tmp/cutlass && tar xzf .devcache/cutlass_include.tgz -C /tmp/cutlass
+if compgen -G ".devcache/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa-site .devcache/wheels/*.whl \
+    >"$OUT/wheels.log" 2>&1 || say "wheel install failed (see wheels.log)"
+fi
+export PYTHONPATH="$PWD/python:/tmp/fa-site" FLASH_ATTENTION_LIBRARY="$PWD/build/dev/_C.so" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee -a "$OUT/summary.txt"
+
+if [[ " $steps " == *" build "* ]]; then
+  t=$SECONDS
+  cmake -S . -B build/dev -G Ninja -DFLASH_ATTENTION_BUILD_TORCH=ON -DFLASH_ATTENTION_BUILD_TESTS=ON \
+    -DFLASH_ATTENTION_CUDA_ARCHS=90a -DCUTLASS_PATH=/tmp/cutlass -DFLASH_ATTENTION_HEADDIMS="$headdims" \
+    >"$OUT/configure.log" 2>&1 && cmake --build build/dev -j16 >"$OUT/build.log" 2>&1
+  rc=$?
+  say "build rc=$rc in $((SECONDS - t)) s (head dims $headdims)"
+  grep -E "spill|error" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20 >>"$OUT/summary.txt"
+  ((rc == 0)) || { tail -40 "$OUT/build.log"; exit 1; }
+fi
+
+if [[ " $steps " == *" test "* ]]; then
+  t=$SECONDS
+  ctest --test-dir build/dev -j8 --timeout 120 >"$OUT/ctest.log" 2>&1
+  say "ctest rc=$? ($(grep -E 'tests passed|tests failed' "$OUT/ctest.log"))"
+  python3 -m pytest tests/python -q --timeout=600 -p no:cacheprovider -n 4 >"$OUT/pytest.log" 2>&1
+  say "pytest: $(tail -1 "$OUT/pytest.log") in $((SECONDS - t)) s"
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20 | tee -a "$OUT/summary.txt"
+fi
+
+if [[ " $steps " == *" bench "* ]]; then
+  t=$SECONDS
+  python3 benchmarks/bench_gpu.py --dtypes bf16 --hdims 64,128,256 --seqlens "$seqlens" --modes fwd \
+    --impls sdpa-flash,sdpa-cudnn,sdpa-efficient --out "$OUT" --name fwd >"$OUT/bench_fwd.log" 2>&1
+  python3 benchmarks/bench_gpu.py --dtypes bf16 --hdims 64,128,256 --seqlens "$seqlens" --modes fwdbwd \
+    --impls sdpa-flash,sdpa-cudnn --out "$OUT" --name fwdbwd >"$OUT/bench_fwdbwd.log" 2>&1
+  say "benchmarks in $((SECONDS - t)) s"
+  grep -A100 "^mode" "$OUT/bench_fwd.log" | tee -a "$OUT/summary.txt"
+  grep -A100 "^mode" "$OUT/bench_fwdbwd.log" | tee -a "$OUT/summary.txt"
+  grep "peak memory" "$OUT/bench_fwdbwd.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ " $steps " == *" decode "* ]]; then
+  python3 benchmarks/bench_decode.py >"$OUT/bench_decode.log" 2>&1
+  say "decode benchmark rc=$?"; tail -20 "$OUT/bench_decode.log" | tee -a "$OUT/summary.txt"
+fi
+
+if [[ " $steps " == *" models "* ]]; then
+  python3 benchmarks/bench_models.py --csv "$OUT/models.csv" >"$OUT/models.log" 2>&1
+  say "model timings rc=$?"; tail -12 "$OUT/models.log" | tee -a "$OUT/summary.txt"
+fi
+say "done"

@@ -9,8 +9,8 @@ halved when causal, x3.5 for fwdbwd. Rows go to benchmarks/results/<gpu>_<name>.
 writes the peak memory of each impl at seqlen 16k to <gpu>_<name>_memory.csv.
 
   PYTHONPATH=python FLASH_ATTENTION_LIBRARY=build/<name>/_C.so python3 benchmarks/bench_gpu.py
-  ... --configs all      every built sm80 config as its own impl (flash_attention-sm80:m128n64w4s2),
-                         the input of tools/autotune.py
+  ... --configs all      also every built sm80 config as its own impl (flash_attention-sm80:m128n64w4s2),
+                         forward only: the input of tools/autotune.py
 """
 import argparse
 import csv
@@ -147,7 +147,9 @@ def run(args, on_row=None):
         b, h, d = p["batch"], p["nheads"], p["hdim"]
         q = torch.randn(b, p["seqlen_q"], h, d, dtype=DTYPES[p["dtype"]], device="cuda")
         k, v = (torch.randn(b, p["seqlen_k"], h, d, dtype=q.dtype, device="cuda") for _ in range(2))
-        ours = ["flash_attention"] if args.configs == "default" else [f"flash_attention-{c}" for c in built_configs(d)]
+        ours = ["flash_attention"]  # auto dispatch: the sm90 path on Hopper when it serves the call
+        if args.configs == "all" and p["mode"] == "fwd":
+            ours += [f"flash_attention-{c}" for c in built_configs(d)]
         for impl in ours + args.impls:
             fn = (runner_fwdbwd if p["mode"] == "fwdbwd" else runner)(impl, q, k, v, p["causal"])
             ms, why = measure(fn)

@@ -35,3 +35,23 @@ set_target_properties(fa_torch::torch PROPERTIES
   INTERFACE_INCLUDE_DIRECTORIES "${_fa_torch_inc}"
   INTERFACE_LINK_LIBRARIES "${_fa_torch_libs}"
   INTERFACE_COMPILE_DEFINITIONS "${_fa_torch_defs}")
+
+# The op library must use the C++ runtime that the Python process loads. A compiler with its own
+# libstdc++ (e.g. a GCC under /opt) builds code that crashes in iostreams and error formatting when
+# loaded next to the system one (seen on the GPU machine: every TORCH_CHECK message segfaulted).
+execute_process(COMMAND ${CMAKE_CXX_COMPILER} -print-file-name=libstdc++.so.6
+                OUTPUT_VARIABLE _fa_cxx_rt OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+execute_process(
+  COMMAND ${Python_EXECUTABLE} -c "
+import torch
+print(next((l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++.so' in l), ''))"
+  OUTPUT_VARIABLE _fa_py_rt OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+if(_fa_cxx_rt AND _fa_py_rt AND EXISTS "${_fa_cxx_rt}")
+  get_filename_component(_fa_cxx_rt "${_fa_cxx_rt}" REALPATH)
+  get_filename_component(_fa_py_rt "${_fa_py_rt}" REALPATH)
+  if(NOT _fa_cxx_rt STREQUAL _fa_py_rt)
+    message(WARNING "flash_attention: ${CMAKE_CXX_COMPILER} links ${_fa_cxx_rt}, but Python with torch "
+                    "loads ${_fa_py_rt}. The op library may crash when it formats errors. Configure with "
+                    "the system compiler instead, e.g. CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++.")
+  endif()
+endif()

@@ -230,6 +230,7 @@ std::string unsupported_reason(const ForwardParams& p, int arch) {
     return "no CUDA head-dim specialisation >= " + std::to_string(p.head_dim) + " was built (FLASH_ATTENTION_HEADDIMS=" +
            headdims_text() + ")";
   }
+  if (arch == 0) return "no CUDA device";
   if (arch < 80) {
     return "compute capability " + std::to_string(arch / 10) + "." + std::to_string(arch % 10) +
            " < 8.0: the CUDA kernels need sm80 or newer";

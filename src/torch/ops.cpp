@@ -644,8 +644,10 @@ std::tuple<Tensor, Tensor> fwd_combine(const Tensor& out_partial, const Tensor& 
 // Queries (no tensors): build info, and whether the CUDA kernels serve a call
 // ---------------------------------------------------------------------------------------------
 
+// Compute capability of a GPU (e.g. 90); 0 when there is no such device (the kernels then decline).
 int device_arch(int64_t device_index) {
 #ifdef FLASH_ATTENTION_WITH_CUDA
+  if (device_index < 0 || device_index >= at::cuda::device_count()) return 0;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device_index));
   return prop->major * 10 + prop->minor;
 #else
@@ -695,8 +697,7 @@ std::string cuda_unsupported_reason_op(int64_t device_index, at::ScalarType dtyp
   return cuda_unsupported_reason(p, device_arch(device_index));
 }
 
-// JSON built with plain string appends: iostreams crashed inside _C.so on the GPU machine's image
-// (mixed libstdc++ in one process), so this file stays off them.
+// JSON built with plain string appends (no iostreams needed for three short lists).
 std::string json_item(int v) { return std::to_string(v); }
 std::string json_item(const std::string& v) { return "\"" + v + "\""; }
 

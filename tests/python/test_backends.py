@@ -195,5 +195,4 @@ def test_cuda_query_traces_with_dynamic_shapes():
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     for seqlen in (8, 9):
         q = torch.randn(2, seqlen, 4, 16)
-        expected = q if fa.build_info()["cuda_built"] else q * 2
-        assert torch.equal(compiled(q, q, q), expected)
+        assert torch.equal(compiled(q, q, q), f(q, q, q))  # the traced query answers as the eager one

@@ -8,6 +8,11 @@ the kernels forget to write shows up. Also: determinism (50 repeats, bitwise), l
 inf/NaN), agreement with the CPU backward. Skipped without a GPU or without CUDA kernels.
 """
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -325,17 +330,19 @@ print("sanitize-script-done")
 
 @pytest.mark.parametrize("tool", ["racecheck", "memcheck"])
 def test_compute_sanitizer(tool):
-    import os
-    import shutil
-    import subprocess
-    import sys
     if os.environ.get("FLASH_ATTENTION_SANITIZE") != "1":
         pytest.skip("set FLASH_ATTENTION_SANITIZE=1 to run compute-sanitizer")
     exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     if not os.path.exists(exe):
         pytest.skip("compute-sanitizer not found")
-    result = subprocess.run([exe, f"--tool={tool}", "--error-exitcode=3", sys.executable, "-c", SANITIZE_SCRIPT],
-                            capture_output=True, text=True, timeout=900)
+
+    def sanitize(*only):
+        return subprocess.run([exe, f"--tool={tool}", *only, "--error-exitcode=3", sys.executable, "-c",
+                               SANITIZE_SCRIPT], capture_output=True, text=True, timeout=900)
+
+    result = sanitize("--kernel-regex", "kns=bwd_")  # the backward's kernels only
+    if result.returncode != 0 and "sanitize-script-done" not in result.stdout:
+        result = sanitize()  # an older compute-sanitizer without kernel filters
     report = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0 and "sanitize-script-done" in result.stdout, report
     assert "0 hazards" in report or "ERROR SUMMARY: 0 errors" in report, report

@@ -56,14 +56,28 @@ struct SeqSpan {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Preprocess: dsum[b, h, i] = sum_d dO[i, d] * O[i, d]. kHeadDim / 8 threads per row.
+// Row kernels: 8 columns per thread, a power-of-two group of threads per row (the row reduction is a
+// butterfly), lanes past the head dim idle.
 // ---------------------------------------------------------------------------------------------
 constexpr int kRowKernelThreads = 256;
 
+template <int kHeadDim>
+constexpr int row_threads() {
+  int n = 1;
+  while (n * 8 < kHeadDim) n *= 2;
+  return n;
+}
+
+template <int kHeadDim>
+constexpr int rows_per_row_cta() {
+  return kRowKernelThreads / row_threads<kHeadDim>();
+}
+
+// Preprocess: dsum[b, h, i] = sum_d dO[i, d] * O[i, d].
 template <int kHeadDim, class Element>
 __global__ void __launch_bounds__(kRowKernelThreads) bwd_dsum_kernel(const __grid_constant__ BwdKernelParams p) {
-  constexpr int kRowThreads = kHeadDim / 8;
-  constexpr int kRows = kRowKernelThreads / kRowThreads;
+  constexpr int kRowThreads = row_threads<kHeadDim>();
+  constexpr int kRows = rows_per_row_cta<kHeadDim>();
   const int b = blockIdx.y, h = blockIdx.z;
   const SeqSpan seq(p, b);
   const int i = blockIdx.x * kRows + threadIdx.x / kRowThreads;
@@ -91,8 +105,8 @@ __global__ void __launch_bounds__(kRowKernelThreads) bwd_dsum_kernel(const __gri
 // ---------------------------------------------------------------------------------------------
 template <int kHeadDim, class Element>
 __global__ void __launch_bounds__(kRowKernelThreads) bwd_dq_kernel(const __grid_constant__ BwdKernelParams p) {
-  constexpr int kRowThreads = kHeadDim / 8;
-  constexpr int kRows = kRowKernelThreads / kRowThreads;
+  constexpr int kRowThreads = row_threads<kHeadDim>();
+  constexpr int kRows = rows_per_row_cta<kHeadDim>();
   const int b = blockIdx.y, h = blockIdx.z;
   const SeqSpan seq(p, b);
   const int i = blockIdx.x * kRows + threadIdx.x / kRowThreads;

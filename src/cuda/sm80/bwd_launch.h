@@ -84,8 +84,8 @@ Status run_bwd(BwdKernelParams p, BwdWorkspace workspace, void* stream_ptr) {
   p.dq_accum = p.dsum + dsum_elems;
 
   Status status = cuda_status(cudaMemsetAsync(p.dq_accum, 0, dq_bytes, stream), "memset");
-  const int rows_per_cta = kRowKernelThreads / (kHeadDim / 8);
-  const dim3 row_grid((p.seqlen_q + rows_per_cta - 1) / rows_per_cta, p.batch, p.num_heads);
+  constexpr int kRowsPerCta = rows_per_row_cta<kHeadDim>();
+  const dim3 row_grid((p.seqlen_q + kRowsPerCta - 1) / kRowsPerCta, p.batch, p.num_heads);
   if (status.ok()) {
     bwd_dsum_kernel<kHeadDim, Element><<<row_grid, kRowKernelThreads, 0, stream>>>(p);
     status = cuda_status(cudaGetLastError(), "dsum kernel launch");

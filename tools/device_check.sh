@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session in one command: build (sm90a, which also runs the sm80 path), the C++ and Python test
 # suites on the GPU, then the benchmarks. Logs and CSVs go to $OUT (default /tmp/fa-out); a short table
-# is printed last. Carry `.devcache` (CUTLASS headers + wheels the GPU machine lacks).
+# is printed last. Carry `.devcache` (CUTLASS headers + wheels the GPU machine lacks; tools/make_devcache.sh
+# makes it).
 #
 #   tools/device_check.sh                  # everything
 #   FA_STEPS="build test" tools/device_check.sh

@@ -28,4 +28,5 @@ __all__ = [
     "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
     "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
     "forward", "forward_timed", "pad_input", "unpad_input", "use_backend", "build_info",
+    "flash_attn_with_kvcache", "flash_attn_varlen_paged", "flash_attn_combine",
 ]

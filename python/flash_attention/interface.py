@@ -66,10 +66,27 @@ def _attn_probs(call: backends.Call, rng_state: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-def _no_block_table(block_table) -> None:
-    if block_table is not None:
-        raise ValueError("block_table (paged KV cache) is not supported by flash_attn_varlen_func; "
-                         "pass block_table=None")
+def _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                   block_table):
+    """flash_attn_varlen_func with block_table: k / v are paged caches (num_blocks, page_size, Hk, D);
+    forward only (inference), as in FlashAttention-2."""
+    from .kvcache import flash_attn_varlen_paged  # the paged path lives with the KV-cache code
+
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"with block_table, {name} must be a paged cache (num_blocks, page_size, nheads_k, "
+                             f"headdim), got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0 with block_table (paged KV is inference only), got {dropout_p}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("block_table (paged KV) has no backward: call it under torch.no_grad() "
+                         "or with tensors that do not require grad")
+    out, lse = flash_attn_varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       block_table, softmax_scale=softmax_scale, causal=causal,
+                                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                       return_softmax_lse=True)
+    return (out, lse, None) if return_attn_probs else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,9 +138,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     cu_seqlens_q/k: int32 (batch + 1,) cumulative sequence lengths starting at 0 and ending at
     total_q/k; max_seqlen_q/k: the longest sequence. Values are checked (on CUDA this reads
-    cu_seqlens to the host once per call; skipped under torch.compile). block_table must be None.
+    cu_seqlens to the host once per call; skipped under torch.compile). With block_table (int32
+    (batch, max_pages)), k / v are paged caches (num_blocks, page_size, nheads_k, headdim): paged
+    prefill, forward only.
     """
-    _no_block_table(block_table)
+    if block_table is not None:
+        return _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                              softmax_scale, causal, window_size, softcap, alibi_slopes,
+                              return_attn_probs, block_table)
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                       softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, backend)

@@ -82,7 +82,7 @@ CASES = [
     ("max-seqlen-too-small", fa.flash_attn_varlen_func, varlen(max_seqlen_q=4), ValueError, ["max_seqlen_q"]),
     ("max-seqlen-negative", fa.flash_attn_varlen_func, varlen(max_seqlen_k=-1), ValueError, ["max_seqlen_k"]),
     ("max-seqlen-float", fa.flash_attn_varlen_func, varlen(max_seqlen_k=4.5), TypeError, ["max_seqlen_k"]),
-    ("block-table", fa.flash_attn_varlen_func, varlen(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, ["block_table"]),
+    ("block-table", fa.flash_attn_varlen_func, varlen(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, ["block_table", "k", "paged"]),  # k/v are not paged caches
     ("forward-unknown-option", fa.forward, dense(dropout=0.1), TypeError, ["dropout"]),
     ("forward-config-type", fa.forward, dense(config=128), TypeError, ["config"]),
     ("forward-config-on-cpu", fa.forward, dense(config="sm80:m128n64w4s2"), ValueError, ["config", "CUDA"]),

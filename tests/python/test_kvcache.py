@@ -251,6 +251,11 @@ def test_varlen_paged_prefill(device):
     q = torch.randn(20, H, D, generator=g).bfloat16().to(device)
     out, lse = flash_attn_varlen_paged(q, kc, vc, cu_q, cu_k, 17, 40, table, causal=True, return_softmax_lse=True)
     assert out.shape == q.shape and lse.shape == (H, 20)
+    # FlashAttention-2's spelling of the same call: flash_attn_varlen_func with block_table
+    import flash_attention as fa
+    out2, lse2, _ = fa.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 17, 40, causal=True, block_table=table,
+                                              return_attn_probs=True)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
     for b in range(3):
         if lens_q[b] == 0:
             continue

@@ -1,5 +1,6 @@
 #include "cpu/common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -122,7 +123,11 @@ struct StagingCache {
 thread_local StagingCache staging_cache;
 }  // namespace
 
-StagingBuffer::StagingBuffer(int64_t floats) : floats_(floats) {
+StagingBuffer::StagingBuffer(int64_t slot_floats, int groups)
+    : slot_floats_(slot_floats),
+      chunk_(static_cast<int>(std::clamp<int64_t>(kStagingBytes / 4 / slot_floats, 1, groups))),
+      floats_(chunk_ * slot_floats) {
+  const int64_t floats = floats_;
   if (staging_cache.floats >= floats) {
     buffer_ = std::move(staging_cache.buffer);
     floats_ = staging_cache.floats;
@@ -130,6 +135,11 @@ StagingBuffer::StagingBuffer(int64_t floats) : floats_(floats) {
   } else {
     buffer_ = Buffer(floats);
   }
+}
+
+Status StagingBuffer::status() const {
+  if (buffer_.get() != nullptr) return Status::Ok();
+  return Status::Internal("cpu: cannot allocate " + std::to_string(floats_ * 4) + " bytes of staging memory");
 }
 
 StagingBuffer::~StagingBuffer() {

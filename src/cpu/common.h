@@ -52,19 +52,24 @@ class Buffer {
   std::unique_ptr<float, Free> data_;
 };
 
-// Staging memory for one call. Up to kKeepStagingBytes stay cached per calling thread between calls,
-// so repeated calls do not pay page faults on fresh memory every time.
+// Staging memory for one call: chunk() slots of `slot_floats` each, one per (batch, kv head) group of
+// a chunk, as many groups as fit in kStagingBytes (at least one). Up to kKeepStagingBytes stay cached
+// per calling thread between calls, so repeated calls do not pay page faults on fresh memory.
 constexpr int64_t kKeepStagingBytes = int64_t{1} << 27;
 class StagingBuffer {
  public:
-  explicit StagingBuffer(int64_t floats);
+  StagingBuffer(int64_t slot_floats, int groups);
   ~StagingBuffer();
   StagingBuffer(const StagingBuffer&) = delete;
   StagingBuffer& operator=(const StagingBuffer&) = delete;
-  float* get() const { return buffer_.get(); }
+  int chunk() const { return chunk_; }
+  float* slot(int g) const { return buffer_.get() + g * slot_floats_; }
+  Status status() const;  // kInternal when the allocation failed
 
  private:
   Buffer buffer_;
+  int64_t slot_floats_;
+  int chunk_;
   int64_t floats_;
 };
 

@@ -194,18 +194,14 @@ void forward_group(const ForwardParams& p, const Dims& d, int g, float* slot, Wo
 Status forward(const ForwardParams& p) {
   const Dims d = dims_of(p);
   const int groups = p.batch * p.num_heads_k;
-  const int64_t slot = d.slot_floats();
-  const int chunk = static_cast<int>(std::clamp<int64_t>(kStagingBytes / 4 / slot, 1, groups));
-  StagingBuffer staging(chunk * slot);
-  if (staging.get() == nullptr) {
-    return Status::Internal("cpu: cannot allocate " + std::to_string(chunk * slot * 4) +
-                            " bytes of staging memory");
-  }
+  StagingBuffer staging(d.slot_floats(), groups);
+  FA_RETURN_IF_ERROR(staging.status());
+  const int chunk = staging.chunk();
   [[maybe_unused]] const int threads = resolve_threads(p.num_threads);
   for (int g0 = 0; g0 < groups; g0 += chunk) {
     const int ng = std::min(chunk, groups - g0);
     const bool per_group = ng >= kGroupsPerThread * threads;
-    auto slot_of = [&](int g) { return staging.get() + g * slot; };
+    auto slot_of = [&](int g) { return staging.slot(g); };
 #pragma omp parallel num_threads(threads)
     {
       Work w(d.Dp);

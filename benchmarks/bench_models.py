@@ -38,14 +38,15 @@ def _llama(small: bool, device, dtype):
                  num_key_value_heads=2, vocab_size=256) if small else
             dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=16,
                  num_key_value_heads=4, vocab_size=32000))
-    batch, seqlen = (2, 64) if small else (4, 2048)
+    batch, seqlen = (2, 64) if small else (8, 4096)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(max_position_embeddings=4096, **size))
     model = model.to(dtype).eval()
     ids = torch.randint(0, size["vocab_size"], (batch, seqlen), device=device)
     mask = torch.ones_like(ids)
     mask[0, : seqlen // 4] = 0   # one left-padded row: the varlen path
-    run = lambda: model(ids, attention_mask=mask).logits  # noqa: E731
+    # Padded positions hold no token: their logits differ between attention implementations by design.
+    run = lambda: model(ids, attention_mask=mask).logits * mask[..., None]  # noqa: E731
     hooks = (lambda: model.set_attn_implementation(fat.NAME), lambda: model.set_attn_implementation("sdpa"))
     return run, hooks, "transformers", f"b{batch} s{seqlen} h{size['num_attention_heads']}/{size['num_key_value_heads']}"
 
@@ -64,7 +65,7 @@ def _unet(small: bool, device, dtype):
                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")) if small else
               dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-                   attention_head_dim=8, sample_size=64))
+                   attention_head_dim=8, sample_size=96))   # SD-1.5 at 768 px
     with torch.device(device):
         model = UNet2DConditionModel(**config)
     model = model.to(dtype).eval()
@@ -84,10 +85,11 @@ def _dit(small: bool, device, dtype):
         model = DiTTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **config)
     model = model.to(dtype).eval()
     s = config["sample_size"]
-    x = torch.randn(2, 4, s, s, device=device, dtype=dtype)
-    t, labels = torch.tensor([10, 500], device=device), torch.tensor([1, 3], device=device)
+    b = 2 if small else 8
+    x = torch.randn(b, 4, s, s, device=device, dtype=dtype)
+    t, labels = torch.tensor([10, 500] * (b // 2), device=device), torch.tensor([1, 3] * (b // 2), device=device)
     return _diffusers(model, lambda: model(x, timestep=t, class_labels=labels).sample,
-                      f"b2 {(s // 2) ** 2} tokens")
+                      f"b{b} {(s // 2) ** 2} tokens")
 
 
 def _vae(small: bool, device, dtype):
@@ -113,7 +115,7 @@ def median_ms(fn, device: str) -> float:
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
     fn()
     times = []
     for _ in range(3):
@@ -123,17 +125,44 @@ def median_ms(fn, device: str) -> float:
     return statistics.median(times)
 
 
+def profile_top(title: str, fn, device: str, rows: int = 12) -> None:
+    """Prints the kernels and CPU ops that took the most time over 3 calls (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    fn()
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"\n--- profile: {title} (3 calls) ---")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 @torch.no_grad()
-def bench_model(name: str, small: bool, device: str, dtype) -> dict:
+def bench_model(name: str, small: bool, device: str, dtype, profile: bool = False) -> dict:
     run, (enable, disable), site, shape = MODELS[name](small, device, dtype)
     expected = run().float()
-    default_ms = median_ms(run, device)
     enable()
     reset_stats()
     actual = run().float()
     calls = stats().get(site, {})
-    ours_ms = median_ms(run, device)
     disable()
+    # Interleaved rounds (default, ours, default, ours, ...) so clock and thermal drift hit both alike.
+    default_times, ours_times = [], []
+    for _ in range(3 if device == "cuda" else 1):
+        default_times.append(median_ms(run, device))
+        enable()
+        ours_times.append(median_ms(run, device))
+        disable()
+    default_ms, ours_ms = statistics.median(default_times), statistics.median(ours_times)
+    if profile:
+        profile_top(f"{name}, default attention", run, device)
+        enable()
+        profile_top(f"{name}, flash_attention", run, device)
+        disable()
     kernel = sum(n for k, n in calls.items() if k.startswith("flash_attention["))
     fallbacks = {k: n for k, n in calls.items() if k.startswith("fallback")}
     diff = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
@@ -164,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="default: float16 on CUDA, float32 on the CPU")
     p.add_argument("--csv", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of each variant (torch.profiler)")
     args = p.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
@@ -176,7 +206,7 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         try:
-            rows.append(bench_model(name, small, device, dtype))
+            rows.append(bench_model(name, small, device, dtype, args.profile))
         except ImportError as error:
             print(f"skipping {name}: {error}", file=sys.stderr)
         if device == "cuda":

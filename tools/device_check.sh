@@ -15,6 +15,8 @@ mkdir -p "$LOG"
 steps="${FA_STEPS:-build test bench}"
 headdims="${FA_HEADDIMS:-64;128;256}"
 seqlens="${FA_BENCH_SEQLENS:-1024,4096,16384}"
+dtypes="${FA_BENCH_DTYPES:-bf16,fp16}"
+bench_modes="${FA_BENCH_MODES:-fwd fwdbwd}"
 start=$SECONDS
 say() { echo "[$((SECONDS - start))s] $*" | tee -a "$OUT/summary.txt"; }
 
@@ -53,14 +55,19 @@ fi
 
 if [[ " $steps " == *" bench "* ]]; then
   t=$SECONDS
-  timeout "${FA_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --dtypes bf16 --hdims 64,128,256 --seqlens "$seqlens" --modes fwd --configs all \
-    --impls sdpa-flash,sdpa-cudnn,sdpa-efficient --out "$OUT" --name fwd >"$LOG/bench_fwd.log" 2>&1
-  timeout "${FA_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --dtypes bf16 --hdims 64,128,256 --seqlens "$seqlens" --modes fwdbwd \
-    --impls sdpa-flash,sdpa-cudnn --out "$OUT" --name fwdbwd >"$LOG/bench_fwdbwd.log" 2>&1
+  if [[ " $bench_modes " == *" fwd "* ]]; then
+    timeout "${FA_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --dtypes "$dtypes" --hdims 64,128,256 --seqlens "$seqlens" \
+      --modes fwd --configs "${FA_BENCH_CONFIGS:-all}" --impls sdpa-flash,sdpa-cudnn,sdpa-efficient --out "$OUT" --name fwd \
+      >"$LOG/bench_fwd.log" 2>&1
+    grep -A200 "^mode" "$LOG/bench_fwd.log" | tee -a "$OUT/summary.txt"
+  fi
+  if [[ " $bench_modes " == *" fwdbwd "* ]]; then
+    timeout "${FA_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --dtypes "$dtypes" --hdims 64,128,256 --seqlens "$seqlens" \
+      --modes fwdbwd --impls sdpa-flash,sdpa-cudnn --out "$OUT" --name fwdbwd >"$LOG/bench_fwdbwd.log" 2>&1
+    grep -A200 "^mode" "$LOG/bench_fwdbwd.log" | tee -a "$OUT/summary.txt"
+    grep "peak memory" "$LOG/bench_fwdbwd.log" | tee -a "$OUT/summary.txt"
+  fi
   say "benchmarks in $((SECONDS - t)) s"
-  grep -A100 "^mode" "$LOG/bench_fwd.log" | tee -a "$OUT/summary.txt"
-  grep -A100 "^mode" "$LOG/bench_fwdbwd.log" | tee -a "$OUT/summary.txt"
-  grep "peak memory" "$LOG/bench_fwdbwd.log" | tee -a "$OUT/summary.txt"
 fi
 if [[ " $steps " == *" decode "* ]]; then
   timeout 90 python3 benchmarks/bench_decode.py >"$LOG/bench_decode.log" 2>&1

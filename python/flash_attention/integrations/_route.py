@@ -44,13 +44,14 @@ def fallback_calls(site: str) -> int:
     return sum(n for k, n in stats().get(site, {}).items() if k.startswith("fallback"))
 
 
-def _note(site: str, outcome: str, message: str, level: int) -> None:
+def _note(site: str, outcome: str, message, level: int) -> None:
+    """Counts `outcome`; logs `message` (a string, or a callable making it) the first time."""
     with _lock:
         _counts[site][outcome] += 1
         first = (site, outcome) not in _logged
         _logged.add((site, outcome))
     if first:
-        log.log(level, "%s: %s", site, message)
+        log.log(level, "%s: %s", site, message() if callable(message) else message)
 
 
 def note_fallback(site: str, reason: str) -> None:
@@ -65,44 +66,31 @@ def our_backend(t: torch.Tensor) -> str:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens_q=None,
-                       cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0,
-                       softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0) -> str | None:
-    """Why our kernels cannot serve this call (None when they can). Runs nothing."""
-    from flash_attention import backends
-
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} (fp16, bf16 and fp32 are supported)"
-    call = backends.Call(
-        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q or 0, max_seqlen_k=max_seqlen_k or 0, dropout_p=dropout_p,
-        softmax_scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
-        causal=causal, window=tuple(window_size), softcap=softcap)
-    return backends.BACKENDS[our_backend(q)].unsupported_reason(call)
-
-
 def run(site: str, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-        max_seqlen_k=None, **options) -> torch.Tensor | None:
+        max_seqlen_k=None, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+        softcap=0.0) -> torch.Tensor | None:
     """Runs attention on our kernels; None (with the reason noted) when they cannot serve it.
 
     q/k/v follow FlashAttention-2's layouts: (B, S, H, D), or packed (total, H, D) with cu_seqlens.
-    `options` are flash_attn_func's keywords (dropout_p, softmax_scale, causal, window_size, softcap).
+    The keywords are flash_attn_func's. Models call this once per attention layer and step, so the
+    call is checked and built once and handed straight to our backend (no backend choice, no second
+    support query): the per-call host cost stays close to torch SDPA's.
     """
-    varlen = cu_seqlens_q is not None
-    if varlen:
-        options.update(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    from flash_attention import backends, interface
+
     backend = our_backend(q)
-    reason = unsupported_reason(q, k, v, **options)
+    if q.dtype not in _DTYPES:
+        note_fallback(site, f"{backend} backend: dtype {q.dtype} (fp16, bf16 and fp32 are supported)")
+        return None
+    call = interface._make_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                softmax_scale, causal, window_size, softcap, None, False, False, "")
+    ours = backends.BACKENDS[backend]
+    reason = ours.unsupported_reason(call)
     if reason is not None:
         note_fallback(site, f"{backend} backend: {reason}")
         return None
-    import flash_attention as fa
-
-    fn = fa.flash_attn_varlen_func if varlen else fa.flash_attn_func
-    out = fn(q, k, v, backend=backend, **options)
-    shape = "x".join(str(s) for s in q.shape)
+    out, _, _ = ours.run(call)
     _note(site, f"flash_attention[{backend}]",
-          f"attention runs on flash_attention's {backend} kernels (first call: q {shape} {q.dtype})",
-          logging.INFO)
+          lambda: f"attention runs on flash_attention's {backend} kernels (first call: q "
+                  f"{'x'.join(str(n) for n in q.shape)} {q.dtype})", logging.INFO)
     return out

@@ -10,7 +10,8 @@ graph of several calls (so that launch overhead is not timed); time = median of 
 over graph replays / calls. Ours runs with check_indices=False (the per-call index check synchronises).
 
   PYTHONPATH=python FLASH_ATTENTION_LIBRARY=build/<name>/_C.so python3 benchmarks/bench_decode.py
-Rows go to benchmarks/results/<gpu>_decode.csv (--out to change the folder).
+Rows go to benchmarks/results/<gpu>_decode.csv (--out to change the folder); a summary per point (ours
+against the fastest torch implementation) is printed last.
 """
 import argparse
 import csv
@@ -55,16 +56,21 @@ def kv_bytes(batch, seqlen):
     return 2 * batch * seqlen * HK * D * torch.finfo(DTYPE).bits // 8
 
 
-def make_inputs(impl, batch, seqlen):
-    """One input set in the implementation's layout."""
-    q = torch.randn(batch, 1, H, D, dtype=DTYPE, device="cuda")
-    if impl.startswith("flash_attention"):
-        k = torch.randn(batch, seqlen, HK, D, dtype=DTYPE, device="cuda")
-        v = torch.randn_like(k)
-        seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
-        return q, k, v, seqlens
-    k = torch.randn(batch, HK, seqlen, D, dtype=DTYPE, device="cuda")
-    return q.transpose(1, 2).contiguous(), k, torch.randn_like(k), None
+def make_sets(impl, batch, seqlen):
+    """Enough input sets in the implementation's layout to rotate through."""
+    copies = max(1, min(16, math.ceil(ROTATE_BYTES / kv_bytes(batch, seqlen))))
+    sets = []
+    for _ in range(copies):
+        q = torch.randn(batch, 1, H, D, dtype=DTYPE, device="cuda")
+        if impl.startswith("flash_attention"):
+            k = torch.randn(batch, seqlen, HK, D, dtype=DTYPE, device="cuda")
+            v = torch.randn_like(k)
+            seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+            sets.append((q, k, v, seqlens))
+        else:
+            k = torch.randn(batch, HK, seqlen, D, dtype=DTYPE, device="cuda")
+            sets.append((q.transpose(1, 2).contiguous(), k, torch.randn_like(k), None))
+    return sets
 
 
 def call(impl, inputs, flex):
@@ -77,32 +83,56 @@ def call(impl, inputs, flex):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
+def time_graph(fn, sets, warmup=25, rep=100):
+    """Median ms per call of fn(inputs), rotating through sets inside one CUDA graph."""
+    for inputs in sets:
+        fn(inputs)
+    torch.cuda.synchronize()
+    calls = max(CALLS_PER_GRAPH, len(sets))
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(sets[0])  # warm the stream's allocator pool
+        with torch.cuda.graph(graph, stream=stream):
+            for n in range(calls):
+                fn(sets[n % len(sets)])
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") / calls
+
+
 def time_impl(impl, batch, seqlen, flex):
     """Median ms per call, or None when the implementation refuses the shape or runs out of memory."""
-    copies = max(1, min(16, math.ceil(ROTATE_BYTES / kv_bytes(batch, seqlen))))
+    sets = None
     try:
-        sets = [make_inputs(impl, batch, seqlen) for _ in range(copies)]
-        for inputs in sets:
-            call(impl, inputs, flex)
-        torch.cuda.synchronize()
-        calls = max(CALLS_PER_GRAPH, copies)
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            call(impl, sets[0], flex)  # warm the stream's allocator pool
-            with torch.cuda.graph(graph, stream=stream):
-                for n in range(calls):
-                    call(impl, sets[n % copies], flex)
-        torch.cuda.synchronize()
-        ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / calls
+        sets = make_sets(impl, batch, seqlen)
+        return time_graph(lambda inputs: call(impl, inputs, flex), sets)
     except Exception as error:  # a backend that refuses the shape, runs out of memory, or fails to compile
         print(f"  {impl}: skipped ({str(error).splitlines()[0][:100]})")
         return None
     finally:
-        sets = graph = None
+        sets = None
         torch.cuda.empty_cache()
-    return ms
+
+
+def row(gpu, impl, batch, seqlen, ms):
+    tflops = 4 * batch * H * 1 * seqlen * D / (ms * 1e-3) / 1e12
+    return dict(gpu=gpu, impl=impl, mode="decode", dtype="bf16", hdim=D, seqlen_q=1, seqlen_k=seqlen, batch=batch,
+                nheads=H, nheads_kv=HK, causal=False, ms=f"{ms:.5f}", tflops=f"{tflops:.3f}")
+
+
+def summary(results, bandwidth):
+    """Ours against the fastest torch implementation, per point."""
+    print(f"\n{'batch':>5} {'seqlen':>7} {'ours GB/s':>9} {'% copy':>7} {'best torch':>15} {'GB/s':>6} {'speedup':>7}")
+    for (batch, seqlen), times in results.items():
+        ours = times.get("flash_attention")
+        others = {impl: ms for impl, ms in times.items() if impl != "flash_attention"}
+        if ours is None or not others:
+            continue
+        best = min(others, key=others.get)
+        nbytes = kv_bytes(batch, seqlen)
+        print(f"{batch:>5} {seqlen:>7} {nbytes / ours / 1e6:9.0f} {100 * nbytes / (ours * 1e-3) / bandwidth:6.1f}% "
+              f"{best:>15} {nbytes / others[best] / 1e6:6.0f} {others[best] / ours:6.2f}x")
 
 
 def main():
@@ -128,6 +158,7 @@ def main():
         f.write(f"{bandwidth / 1e9:.1f} GB/s device-to-device copy (read + write), {torch.cuda.get_device_name()}\n")
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     path = args.out / f"{gpu}_decode.csv"
+    results = {}
     with open(path, "w", newline="") as f:  # rows are written as they come (a run cut short keeps them)
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -147,14 +178,14 @@ def main():
                         flex_spent += time.time() - start
                     if ms is None:
                         continue
+                    results.setdefault((batch, seqlen), {})[impl] = ms
                     rate = nbytes / (ms * 1e-3)
-                    print(f"{batch:>5} {seqlen:>7} {impl:>16} {ms:9.4f} {rate / 1e9:7.0f} {100 * rate / bandwidth:6.1f}%")
-                    tflops = 4 * batch * H * 1 * seqlen * D / (ms * 1e-3) / 1e12
-                    writer.writerow(dict(gpu=gpu, impl=impl, mode="decode", dtype="bf16", hdim=D, seqlen_q=1,
-                                         seqlen_k=seqlen, batch=batch, nheads=H, nheads_kv=HK, causal=False,
-                                         ms=f"{ms:.5f}", tflops=f"{tflops:.3f}"))
+                    print(f"{batch:>5} {seqlen:>7} {impl:>16} {ms:9.4f} {rate / 1e9:7.0f} {100 * rate / bandwidth:6.1f}%",
+                          flush=True)
+                    writer.writerow(row(gpu, impl, batch, seqlen, ms))
                     f.flush()
     print(f"wrote {path}")
+    summary(results, bandwidth)
 
 
 if __name__ == "__main__":

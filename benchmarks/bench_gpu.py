@@ -11,6 +11,10 @@ writes the peak memory of each impl at seqlen 16k to <gpu>_<name>_memory.csv.
   PYTHONPATH=python FLASH_ATTENTION_LIBRARY=build/<name>/_C.so python3 benchmarks/bench_gpu.py
   ... --configs all      also every built sm80 config as its own impl (flash_attention-sm80:m128n64w4s2),
                          forward only: the input of tools/autotune.py
+  ... --dtypes e4m3      FP8 forward (float8_e4m3fn in, bf16 out, descale factors of ones) on the sm90
+                         kernels; --configs all times each FP8 tile; SDPA backends are tried with the
+                         same fp8 tensors (rows appear only where torch accepts them). The V transpose
+                         the FP8 path runs first is reported from the profiler.
 """
 import argparse
 import csv
@@ -28,7 +32,10 @@ import flash_attention  # noqa: F401  (loads the op library)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COLUMNS = ["gpu", "impl", "mode", "dtype", "hdim", "seqlen_q", "seqlen_k", "batch", "nheads",
            "nheads_kv", "causal", "ms", "tflops"]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "e4m3": torch.float8_e4m3fn}
+# sm90 FP8 tiles (kFwdTilesFp8 in src/cuda/sm90/tiles.h), timed one by one with --configs all.
+FP8_CONFIGS = {64: ["sm90:m128n192w12s2", "sm90:m128n128w12s2"], 128: ["sm90:m128n192w12s2", "sm90:m128n128w12s2"],
+               256: ["sm90:m128n128w12s2"]}
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
 TOKENS, HIDDEN = 16384, 2048
@@ -66,6 +73,11 @@ def flops(b, h, sq, sk, d, causal, mode="fwd"):
 
 def runner(impl, q, k, v, causal):
     """A zero-argument forward for `impl`; q/k/v are (B, S, H, D)."""
+    if impl.startswith("flash_attention") and q.dtype == torch.float8_e4m3fn:
+        config = impl.split("-", 1)[1] if "-" in impl else ""
+        ones = torch.ones(q.shape[0], k.shape[2], device=q.device)
+        fwd = torch.ops.flash_attention.fwd_fp8
+        return lambda: fwd(q, k, v, ones, ones, ones, q.shape[-1] ** -0.5, causal, -1, -1, 0.0, config)
     if impl.startswith("flash_attention"):
         config = impl.split("-", 1)[1] if "-" in impl else ""
         scale = q.shape[-1] ** -0.5
@@ -119,9 +131,31 @@ def measure(fn):
     try:
         fn()
         torch.cuda.synchronize()
-    except RuntimeError as e:  # an SDPA backend that does not take this shape
-        return None, str(e).splitlines()[0]
+    except (RuntimeError, TypeError, ValueError) as e:  # an SDPA backend that does not take this shape / dtype
+        return None, f"{type(e).__name__}: " + (str(e).splitlines() or [""])[0]
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"), None
+
+
+def kernel_share(fn, name_part, calls=5):
+    """(microseconds per call of the kernels whose name contains name_part, of all kernels), profiled."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    part = sum(e.time_range.elapsed_us() for e in kernels if name_part in e.name)
+    return part / calls, sum(e.time_range.elapsed_us() for e in kernels) / calls
+
+
+def make_inputs(p):
+    b, h, d, dtype = p["batch"], p["nheads"], p["hdim"], DTYPES[p["dtype"]]
+    sample = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype    # randn has no fp8
+    q = torch.randn(b, p["seqlen_q"], h, d, dtype=sample, device="cuda").to(dtype)
+    k, v = (torch.randn(b, p["seqlen_k"], h, d, dtype=sample, device="cuda").to(dtype) for _ in range(2))
+    return q, k, v
 
 
 def points(args):
@@ -145,11 +179,14 @@ def run(args, on_row=None):
     rows, memory = [], []
     for p in points(args):
         b, h, d = p["batch"], p["nheads"], p["hdim"]
-        q = torch.randn(b, p["seqlen_q"], h, d, dtype=DTYPES[p["dtype"]], device="cuda")
-        k, v = (torch.randn(b, p["seqlen_k"], h, d, dtype=q.dtype, device="cuda") for _ in range(2))
+        fp8 = p["dtype"] == "e4m3"
+        if fp8 and p["mode"] != "fwd":
+            print(f"  skip {p}: FP8 is forward only", file=sys.stderr)
+            continue
+        q, k, v = make_inputs(p)
         ours = ["flash_attention"]  # auto dispatch: the sm90 path on Hopper when it serves the call
         if args.configs == "all" and p["mode"] == "fwd":
-            ours += [f"flash_attention-{c}" for c in built_configs(d)]
+            ours += [f"flash_attention-{c}" for c in (FP8_CONFIGS.get(d, []) if fp8 else built_configs(d))]
         for impl in ours + args.impls:
             fn = (runner_fwdbwd if p["mode"] == "fwdbwd" else runner)(impl, q, k, v, p["causal"])
             ms, why = measure(fn)
@@ -158,6 +195,10 @@ def run(args, on_row=None):
                 continue
             tf = flops(b, h, p["seqlen_q"], p["seqlen_k"], d, p["causal"], p["mode"]) / ms / 1e9
             rows.append(dict(gpu=gpu, impl=impl, nheads_kv=h, ms=f"{ms:.4f}", tflops=f"{tf:.1f}", **p))
+            if fp8 and impl == "flash_attention":
+                part, total = kernel_share(fn, "transpose_v_fp8")
+                print(f"fp8 V transpose: {part:.1f} us of {total:.1f} us of kernels per call ({100 * part / total:.1f}%) "
+                      f"hdim {d} seqlen {p['seqlen_k']} causal {p['causal']}")
             if on_row is not None:
                 on_row(rows[-1])
             if p["mode"] == "fwdbwd" and p["seqlen_k"] == 16384:

@@ -3,7 +3,8 @@
 
     python3 benchmarks/plot.py benchmarks/results/h100_fwd.csv [-o out.png]
 
-One panel per (dtype, head dim, causal) of the "fwd" rows, one line per implementation.
+One panel per (dtype, head dim, causal) of the rows of one mode (--mode fwd | fwdbwd, default: the
+CSV's first), one line per implementation; sm80 config rows (flash_attention-sm80:...) are left out.
 """
 import argparse
 import collections
@@ -16,9 +17,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def load(path):
+def load(path, mode=None):
     with open(path) as f:
-        return [r for r in csv.DictReader(f) if r["mode"] == "fwd"]
+        rows = [r for r in csv.DictReader(f) if ":" not in r["impl"]]
+    mode = mode or (rows[0]["mode"] if rows else "fwd")
+    return [r for r in rows if r["mode"] == mode], mode
 
 
 def plot(rows, out, title):
@@ -37,7 +40,7 @@ def plot(rows, out, title):
         for impl, pts in sorted(lines.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=impl,
-                    linewidth=2.2 if impl == "flash_attention" else 1.2)
+                    linewidth=2.2 if impl.startswith("flash_attention") else 1.2)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{dtype} d={hdim} {'causal' if causal == 'True' else 'full'}", fontsize=9)
         ax.set_xlabel("seqlen", fontsize=8)
@@ -56,11 +59,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv")
     ap.add_argument("-o", "--out")
+    ap.add_argument("--mode", choices=("fwd", "fwdbwd"), default=None)
     args = ap.parse_args()
     path = pathlib.Path(args.csv)
-    rows = load(path)
+    rows, mode = load(path, args.mode)
     gpu = rows[0]["gpu"] if rows else "?"
-    plot(rows, args.out or path.with_suffix(".png"), f"Attention forward on {gpu} (B*S = 16k, hidden 2048)")
+    what = "forward" if mode == "fwd" else "forward + backward"
+    plot(rows, args.out or path.with_suffix(".png"), f"Attention {what} on {gpu} (B*S = 16k, hidden 2048)")
 
 
 if __name__ == "__main__":

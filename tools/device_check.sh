@@ -61,9 +61,14 @@ if [[ " $steps " == *" bench "* ]]; then
       >"$LOG/bench_fwd.log" 2>&1
     grep -A200 "^mode" "$LOG/bench_fwd.log" | tee -a "$OUT/summary.txt"
   fi
+  if [[ " $bench_modes " == *" fp8 "* ]]; then
+    timeout "${FA_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --dtypes e4m3 --hdims 64,128,256 --seqlens "$seqlens" \
+      --modes fwd --impls sdpa-cudnn --out "$OUT" --name fwd_fp8 >"$LOG/bench_fp8.log" 2>&1
+    grep -A200 "^mode" "$LOG/bench_fp8.log" | tee -a "$OUT/summary.txt"
+  fi
   if [[ " $bench_modes " == *" fwdbwd "* ]]; then
-    timeout "${FA_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --dtypes "$dtypes" --hdims 64,128,256 --seqlens "$seqlens" \
-      --modes fwdbwd --impls sdpa-flash,sdpa-cudnn --out "$OUT" --name fwdbwd >"$LOG/bench_fwdbwd.log" 2>&1
+    timeout "${FA_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --dtypes "${FA_FWDBWD_DTYPES:-$dtypes}" --hdims 64,128,256 \
+      --seqlens "${FA_FWDBWD_SEQLENS:-$seqlens}" --modes fwdbwd --impls sdpa-flash,sdpa-cudnn --out "$OUT" --name fwdbwd >"$LOG/bench_fwdbwd.log" 2>&1
     grep -A200 "^mode" "$LOG/bench_fwdbwd.log" | tee -a "$OUT/summary.txt"
     grep "peak memory" "$LOG/bench_fwdbwd.log" | tee -a "$OUT/summary.txt"
   fi

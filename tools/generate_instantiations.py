@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the sm80 forward kernel instantiations and their registry.
+"""Writes the sm80 forward kernel instantiations and their registry (and the backward instantiations).
 
     python3 tools/generate_instantiations.py [--check]
 
@@ -106,8 +106,66 @@ def bwd_expected_files():
     return files
 
 
+# --- sm90 backward -----------------------------------------------------------------------------------
+# One file per (head dim, dtype): src/cuda/instantiations/sm90_bwd_hdim<D>_<dtype>.cu, defining
+# run_bwd<D, dtype> (src/cuda/sm90/bwd_dispatch.h); the tile per head dim is BwdTile in bwd_launch.h.
+SM90_BWD_HEADDIMS = [64, 128]
+
+
+def sm90_bwd_instantiation_file(hdim, dtype):
+    return "\n".join([
+        HEADER,
+        f"// sm90 backward kernels, head dim {hdim}, {dtype}.",
+        '#include "cuda/sm90/bwd_launch.h"',
+        "",
+        "namespace flash_attention::sm90 {",
+        "",
+        "template <>",
+        f"Status run_bwd<{hdim}, {DTYPES[dtype]}>(const BackwardParams& p) {{",
+        f"  return launch_bwd<BwdTile<{hdim}, {BWD_ELEMENTS[dtype]}>>(p);",
+        "}",
+        "",
+        "}  // namespace flash_attention::sm90",
+        "",
+    ])
+
+
+def sm90_bwd_expected_files():
+    return {INST_DIR / f"sm90_bwd_hdim{hdim}_{dtype}.cu": sm90_bwd_instantiation_file(hdim, dtype)
+            for hdim in SM90_BWD_HEADDIMS for dtype in BWD_ELEMENTS}
+
+
+# --- sm90 FP8 forward -----------------------------------------------------------------------------------
+# One file per head dim: src/cuda/instantiations/sm90_fwd_hdim<D>_e4m3.cu, both tiles of kFwdTilesFp8
+# (src/cuda/sm90/tiles.h). The 16-bit sm90 forward files are written by hand.
+SM90_FP8_HEADDIMS = [64, 128, 256]
+
+
+def sm90_fp8_instantiation_file(hdim):
+    return "\n".join([
+        HEADER,
+        f"// sm90 forward kernels, head dim {hdim}, float8 e4m3 in, bf16 out (both tiles of kFwdTilesFp8).",
+        '#include "cuda/sm90/fwd_launch.h"',
+        "",
+        "namespace flash_attention::sm90 {",
+        "",
+        "template <>",
+        f"Status run_fwd<{hdim}, DType::kFloat8E4M3>(const ForwardParams& p, const FwdTile& tile) {{",
+        f"  return launch_fwd_tile<{hdim}, cutlass::float_e4m3_t>(p, tile);",
+        "}",
+        "",
+        "}  // namespace flash_attention::sm90",
+        "",
+    ])
+
+
+def sm90_fp8_expected_files():
+    return {INST_DIR / f"sm90_fwd_hdim{hdim}_e4m3.cu": sm90_fp8_instantiation_file(hdim) for hdim in SM90_FP8_HEADDIMS}
+
+
 def expected_files():
-    files = {REGISTRY: registry_file(), **bwd_expected_files()}
+    files = {REGISTRY: registry_file(), **bwd_expected_files(), **sm90_bwd_expected_files(),
+             **sm90_fp8_expected_files()}
     for hdim in CONFIGS:
         for dtype in DTYPES:
             files[INST_DIR / f"sm80_fwd_hdim{hdim}_{dtype}.cu"] = instantiation_file(hdim, dtype)
@@ -119,7 +177,7 @@ def main():
     parser.add_argument("--check", action="store_true", help="only check that the files are up to date")
     args = parser.parse_args()
     files = expected_files()
-    generated = list(INST_DIR.glob("sm80_fwd_*.cu")) + list(INST_DIR.glob("sm80_bwd_*.cu"))
+    generated = [p for pattern in ("sm80_fwd_*.cu", "sm80_bwd_*.cu", "sm90_bwd_*.cu", "sm90_fwd_*_e4m3.cu") for p in INST_DIR.glob(pattern)]
     stale = [p for p in generated if p not in files]
     if args.check:
         bad = [p for p, text in files.items() if not p.exists() or p.read_text() != text] + stale

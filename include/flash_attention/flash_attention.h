@@ -16,6 +16,12 @@
 //   dropout: P_ij is kept with probability 1 - p (scaled by 1 / (1 - p)), decided by
 //            flash_attention::dropout_keep(seed, offset, b, h, i, j, p) (Philox, see philox.h).
 //
+// FP8: dtype kFloat8E4M3 (e4m3) takes q, k, v in float8 e4m3 with optional fp32 descale factors of
+// shape (B, Hk) (q_descale / k_descale / v_descale below): the kernel computes attention of
+// (q * q_descale[b, h / (H / Hk)]), (k * k_descale[b, hk]), (v * v_descale[b, hk]) and writes out in
+// bfloat16 (for every other dtype out has the dtype of q). Forward only, CUDA sm90 (Hopper) only,
+// no varlen / dropout / alibi; everything else fails with kNotSupported naming the reason.
+//
 // All strides are in elements. The last dimension (head dim) must be contiguous.
 #pragma once
 
@@ -28,7 +34,7 @@
 
 namespace flash_attention {
 
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat8E4M3 = 3 };
 enum class Device : int { kCPU = 0, kCUDA = 1 };
 
 const char* dtype_name(DType dtype);
@@ -63,6 +69,10 @@ struct ForwardParams {
   void* out = nullptr;
   float* softmax_lse = nullptr;  // required; layout fixed as documented above
   TensorStrides q_strides, k_strides, v_strides, out_strides;
+  // kFloat8E4M3 only (null = 1): contiguous fp32 (batch, num_heads_k) dequantisation factors.
+  const float* q_descale = nullptr;
+  const float* k_descale = nullptr;
+  const float* v_descale = nullptr;
 
   // Variable length (both set, or both null).
   const int32_t* cu_seqlens_q = nullptr;
@@ -100,7 +110,8 @@ struct BackwardParams : ForwardParams {
   bool deterministic = false;
 };
 
-// Checks every field; returns kInvalidArgument naming the offending field. Normalises nothing:
+// Checks every field; returns kInvalidArgument naming the offending field (kNotSupported for a
+// float8_e4m3 call outside what FP8 supports, see the top of this file). Normalises nothing:
 // use normalize() first (it folds causal into the window and clamps windows to the sequence).
 Status validate(const ForwardParams& params);
 Status validate(const BackwardParams& params);

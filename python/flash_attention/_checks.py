@@ -31,11 +31,11 @@ def same_device(t: torch.Tensor, name: str, q: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but q is on {q.device} (all tensors must be on one device)")
 
 
-def qkv(q, k, v, varlen: bool) -> None:
+def qkv(q, k, v, varlen: bool, dtypes=DTYPES, dtype_names="float16, bfloat16 or float32") -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         tensor(t, name)
-    if q.dtype not in DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32 (got {q.dtype})")
+    if q.dtype not in dtypes:
+        raise TypeError(f"q must be {dtype_names} (got {q.dtype})")
     dims, layout = (3, "(total, nheads, headdim)") if varlen else (4, "(batch, seqlen, nheads, headdim)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype != q.dtype:

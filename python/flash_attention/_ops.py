@@ -1,6 +1,6 @@
 """Loads the op library (_C.so) and registers its fake kernels and autograd formula.
 
-The ops themselves (``torch.ops.flash_attention.fwd / bwd / dropout_mask / build_info /
+The ops themselves (``torch.ops.flash_attention.fwd / fwd_fp8 / bwd / dropout_mask / build_info /
 cuda_unsupported_reason``) are defined once, in C++ (src/torch/ops.cpp). The library is looked up at
 ``$FLASH_ATTENTION_LIBRARY`` (developer builds) or next to this file (pip installs). When it cannot
 be loaded the package still imports: ``LOAD_ERROR`` says why and the backends that need it step aside.
@@ -92,6 +92,13 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, d
     return out, lse, rng_state
 
 
+def _fwd_fp8_fake(q, k, v, q_descale, k_descale, v_descale, softmax_scale, causal, window_left,
+                  window_right, softcap, config=""):
+    out = q.new_empty(q.shape, dtype=torch.bfloat16)
+    lse = q.new_empty(_lse_shape(q, None), dtype=torch.float32)
+    return out, lse
+
+
 def _bwd_fake(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
               max_seqlen_k, dropout_p, softmax_scale, causal, window_left, window_right, softcap,
               alibi_slopes, deterministic, rng_state):
@@ -127,8 +134,21 @@ def _fwd_backward(ctx, dout, dlse, drng_state):
     return (dq, dk, dv) + (None,) * len(_OPTION_NAMES)
 
 
+def _fwd_fp8_setup_context(ctx, inputs, output):
+    pass
+
+
+def _fwd_fp8_backward(ctx, dout, dlse):
+    raise NotImplementedError(
+        "flash_attention: FP8 (float8_e4m3fn) attention is forward only: there is no backward through "
+        "fwd_fp8 (its q, k, v or descale tensors require grad)")
+
+
 def _register() -> None:
     torch.library.register_fake("flash_attention::fwd", _fwd_fake)
+    torch.library.register_fake("flash_attention::fwd_fp8", _fwd_fp8_fake)
+    torch.library.register_autograd("flash_attention::fwd_fp8", _fwd_fp8_backward,
+                                    setup_context=_fwd_fp8_setup_context)
     torch.library.register_fake("flash_attention::bwd", _bwd_fake)
     torch.library.register_fake("flash_attention::dropout_mask", _dropout_mask_fake)
     torch.library.register_autograd("flash_attention::fwd", _fwd_backward,

@@ -9,6 +9,10 @@ With return_attn_probs=True the functions return (out, softmax_lse, S_dmask): so
 (batch, nheads, seqlen_q) or, varlen, (nheads, total_q); S_dmask is, when dropout_p > 0, the softmax
 before dropout as (batch, nheads, seqlen_q, seqlen_k) fp32 with dropped elements negated (recomputed
 for testing; O(seqlen^2) memory), and None when dropout_p == 0 — as in FlashAttention-2.
+
+FP8, as FlashAttention-3 exposes it: float8_e4m3fn q, k, v with optional fp32 q_descale / k_descale /
+v_descale of shape (batch, nheads_k) (the inputs are q * q_descale etc., per batch and kv head) run the
+Hopper (sm90) kernels; out is bfloat16. Forward only (backward raises), no varlen / dropout / alibi.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 
 import torch
 
-from . import _checks, backends, reference
+from . import _checks, _ops, backends, reference
 
 __all__ = [
     "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
@@ -28,8 +32,12 @@ __all__ = [
 
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-               return_attn_probs, backend, config=""):
+               return_attn_probs, backend, config="", descale=(None, None, None)):
     """Checks every argument, runs the chosen backend, shapes the FlashAttention-2 return value."""
+    if _is_fp8(q, k, v, descale):
+        varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+        return _fp8_attention(q, k, v, varlen, dropout_p, softmax_scale, causal, window_size, softcap,
+                              alibi_slopes, return_attn_probs, backend, config, descale)
     call = _make_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                       softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, config)
@@ -54,6 +62,49 @@ def _make_call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
         window=_checks.window_size(window_size), softcap=_checks.softcap(softcap),
         alibi_slopes=alibi_slopes, deterministic=bool(deterministic), need_lse=bool(need_lse),
         config=config)
+
+
+_FP8 = torch.float8_e4m3fn
+_DESCALE_NAMES = ("q_descale", "k_descale", "v_descale")
+
+
+def _is_fp8(q, k, v, descale) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dtype == _FP8 for t in (q, k, v)) or \
+        any(d is not None for d in descale)
+
+
+def _fp8_attention(q, k, v, varlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                   return_attn_probs, backend, config, descale):
+    """float8_e4m3fn q, k, v (or descale factors given): the op fwd_fp8 (CUDA sm90), out in bfloat16."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(t, name)
+    if not any(t.dtype == _FP8 for t in (q, k, v)):
+        given = next(n for n, d in zip(_DESCALE_NAMES, descale) if d is not None)
+        raise ValueError(f"{given} is only for float8_e4m3fn inputs (q is {q.dtype})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != _FP8:
+            raise TypeError(f"{name} must be float8_e4m3fn like the other inputs (FP8 attention), got {t.dtype}")
+    _checks.qkv(q, k, v, varlen, dtypes=(_FP8,), dtype_names="float8_e4m3fn")
+    if varlen:
+        raise NotImplementedError("float8_e4m3fn inputs: varlen (cu_seqlens) is not supported")
+    name = backends.requested(backend)
+    if name not in ("auto", "cuda"):
+        raise ValueError(f"backend={name!r} cannot run float8_e4m3fn inputs: FP8 attention runs on the cuda "
+                         "backend only")
+    if _checks.dropout_p(dropout_p) != 0.0:
+        raise ValueError(f"dropout_p must be 0 with float8_e4m3fn inputs (got {dropout_p})")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes are not supported with float8_e4m3fn inputs")
+    for dname, d in zip(_DESCALE_NAMES, descale):
+        if d is not None:
+            _checks.same_device(_checks.tensor(d, dname), dname, q)   # dtype and shape: checked by the op
+    if not _ops.LOADED:
+        raise RuntimeError(f"float8_e4m3fn inputs need the op library: {_ops.LOAD_ERROR}")
+    left, right = _checks.window_size(window_size)
+    out, lse = torch.ops.flash_attention.fwd_fp8(
+        q, k, v, *descale, _checks.softmax_scale(softmax_scale, q.shape[-1]), bool(causal), left, right,
+        _checks.softcap(softcap), config)
+    return (out, lse, None) if return_attn_probs else out
 
 
 @torch.no_grad()
@@ -96,7 +147,7 @@ def _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                    *, backend=None):
+                    *, q_descale=None, k_descale=None, v_descale=None, backend=None):
     """Attention over q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim).
 
     dropout_p: in [0, 1) (pass 0.0 at evaluation). softmax_scale: default 1/sqrt(headdim).
@@ -104,10 +155,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softcap: > 0 caps scores as softcap * tanh(scores / softcap). alibi_slopes: (nheads,) or
     (batch, nheads) fp32; adds -slope * |i + seqlen_k - seqlen_q - j| to the scores.
     deterministic: deterministic backward. return_attn_probs: also return (softmax_lse, S_dmask).
+    q_descale / k_descale / v_descale (keyword only): with float8_e4m3fn q, k, v only (see the module
+    docstring).
     Returns out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask).
     """
     return _attention(q, k, v, None, None, None, None, dropout_p, softmax_scale, causal, window_size,
-                      softcap, alibi_slopes, deterministic, return_attn_probs, backend)
+                      softcap, alibi_slopes, deterministic, return_attn_probs, backend,
+                      descale=(q_descale, k_descale, v_descale))
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -183,7 +237,7 @@ _FORWARD_OPTIONS = {
     "cu_seqlens_q": None, "cu_seqlens_k": None, "max_seqlen_q": None, "max_seqlen_k": None,
     "dropout_p": 0.0, "softmax_scale": None, "causal": False, "window_size": (-1, -1),
     "softcap": 0.0, "alibi_slopes": None, "deterministic": False, "return_attn_probs": False,
-    "backend": None,
+    "backend": None, "q_descale": None, "k_descale": None, "v_descale": None,
 }
 
 
@@ -204,7 +258,8 @@ def forward(q, k, v, config=None, **options):
     return _attention(q, k, v, o["cu_seqlens_q"], o["cu_seqlens_k"], o["max_seqlen_q"],
                       o["max_seqlen_k"], o["dropout_p"], o["softmax_scale"], o["causal"],
                       o["window_size"], o["softcap"], o["alibi_slopes"], o["deterministic"],
-                      o["return_attn_probs"], o["backend"], config)
+                      o["return_attn_probs"], o["backend"], config,
+                      (o["q_descale"], o["k_descale"], o["v_descale"]))
 
 
 def forward_timed(q, k, v, config=None, **options):

@@ -16,6 +16,8 @@ const char* dtype_name(DType dtype) {
       return "bfloat16";
     case DType::kFloat32:
       return "float32";
+    case DType::kFloat8E4M3:
+      return "float8_e4m3";
   }
   return "unknown";
 }
@@ -27,6 +29,8 @@ std::size_t dtype_size(DType dtype) {
       return 2;
     case DType::kFloat32:
       return 4;
+    case DType::kFloat8E4M3:
+      return 1;
   }
   return 0;
 }

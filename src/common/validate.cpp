@@ -55,8 +55,10 @@ Status check_shapes(const ForwardParams& p) {
   if (p.device != Device::kCPU && p.device != Device::kCUDA) {
     return invalid("device", "is not a known device" + got(int64_t{static_cast<int>(p.device)}));
   }
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat32) {
-    return invalid("dtype", "must be float16, bfloat16 or float32" + got(int64_t{static_cast<int>(p.dtype)}));
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat32 &&
+      p.dtype != DType::kFloat8E4M3) {
+    return invalid("dtype", "must be float16, bfloat16, float32 or float8_e4m3" +
+                                got(int64_t{static_cast<int>(p.dtype)}));
   }
   if (p.batch < 1) return invalid("batch", "must be >= 1" + got(int64_t{p.batch}));
   const int min_seqlen = p.is_varlen() ? 0 : 1;
@@ -121,6 +123,23 @@ Status check_options(const ForwardParams& p) {
   return Status::Ok();
 }
 
+// float8_e4m3 is a CUDA (sm90) forward without varlen, dropout or alibi; descale factors go with it only.
+Status check_fp8(const ForwardParams& p) {
+  if (p.dtype != DType::kFloat8E4M3) {
+    if (p.q_descale == nullptr && p.k_descale == nullptr && p.v_descale == nullptr) return Status::Ok();
+    return invalid("q_descale/k_descale/v_descale",
+                   std::string("are only for float8_e4m3 inputs (dtype is ") + dtype_name(p.dtype) + ")");
+  }
+  const std::string fp8 = "dtype float8_e4m3: ";
+  if (p.device != Device::kCUDA) {
+    return Status::NotSupported(fp8 + "runs only on CUDA (the sm90 kernels); the CPU takes float16, bfloat16 or float32");
+  }
+  if (p.is_varlen()) return Status::NotSupported(fp8 + "varlen (cu_seqlens) is not supported");
+  if (p.dropout_p > 0.f) return Status::NotSupported(fp8 + "dropout is not supported");
+  if (p.alibi_slopes != nullptr) return Status::NotSupported(fp8 + "alibi_slopes are not supported");
+  return Status::Ok();
+}
+
 Status check_tensors(const ForwardParams& p) {
   const bool varlen = p.is_varlen();
   const bool no_q = varlen && p.total_q == 0, no_k = varlen && p.total_k == 0;
@@ -141,11 +160,15 @@ Status validate(const ForwardParams& params) {
   FA_RETURN_IF_ERROR(check_shapes(params));
   FA_RETURN_IF_ERROR(check_varlen(params));
   FA_RETURN_IF_ERROR(check_options(params));
+  FA_RETURN_IF_ERROR(check_fp8(params));
   return check_tensors(params);
 }
 
 Status validate(const BackwardParams& params) {
   FA_RETURN_IF_ERROR(validate(static_cast<const ForwardParams&>(params)));
+  if (params.dtype == DType::kFloat8E4M3) {
+    return Status::NotSupported("dtype float8_e4m3 has no backward (FP8 attention is forward only)");
+  }
   const bool varlen = params.is_varlen();
   const bool no_q = varlen && params.total_q == 0, no_k = varlen && params.total_k == 0;
   FA_RETURN_IF_ERROR(check_pointer(params.dout, "dout", no_q));

@@ -1,4 +1,6 @@
-// CUDA backward dispatch (sm80 path; runs on sm80 and later, Hopper included).
+// CUDA backward dispatch: the sm90 backward (src/cuda/sm90/bwd_*.h) on Hopper where it serves the call
+// (FLASH_ATTENTION_BWD_PATH, see run_on_path, overrides the choice); else the sm80 path below, which
+// runs on sm80 and later, Hopper included.
 //
 // Picks the smallest compiled head-dim specialisation >= head_dim (the kernels zero-pad the rest) and
 // runs src/cuda/sm80/bwd_launch.h's three kernels; inputs that cannot move in 16-byte pieces (head dim
@@ -8,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "common/dispatch.h"
@@ -139,6 +142,33 @@ bool on_sm90() {
 }
 #endif
 
+// Why the sm90 backward does not serve `p` here ("" = it does).
+std::string sm90_reason(const BackwardParams& p) {
+#ifdef FLASH_ATTENTION_WITH_SM90
+  if (!on_sm90()) return "the GPU is not sm90";
+  return sm90::backward_unsupported_reason(p);
+#else
+  (void)p;
+  return "this build has no sm90 kernels (FLASH_ATTENTION_CUDA_ARCHS without 90a)";
+#endif
+}
+
+// FLASH_ATTENTION_BWD_PATH (developers, tests, benchmarks): unset or "auto" = the sm90 backward
+// where it serves the call, else sm80; "sm80" = always sm80; "sm90" = sm90 or an error with its reason.
+Status run_on_path(const BackwardParams& p) {
+  const char* env = std::getenv("FLASH_ATTENTION_BWD_PATH");
+  const std::string path = env == nullptr ? "auto" : env;
+  if (path != "auto" && path != "sm80" && path != "sm90" && !path.empty()) {
+    return Status::InvalidArgument("FLASH_ATTENTION_BWD_PATH must be auto, sm80 or sm90 (got '" + path + "')");
+  }
+  const std::string why = path == "sm80" ? "FLASH_ATTENTION_BWD_PATH=sm80" : sm90_reason(p);
+#ifdef FLASH_ATTENTION_WITH_SM90
+  if (why.empty()) return sm90::backward(p);
+#endif
+  if (path == "sm90") return Status::NotSupported("FLASH_ATTENTION_BWD_PATH=sm90: " + why);
+  return vectorisable(p) ? run_sm80(p) : run_packed(p);
+}
+
 }  // namespace
 
 Status backward(const BackwardParams& params) {
@@ -153,10 +183,7 @@ Status backward(const BackwardParams& params) {
     return Status::NotSupported("the CUDA backward was not built for head_dim " + std::to_string(params.head_dim) +
                                 " (FLASH_ATTENTION_HEADDIMS)");
   }
-#ifdef FLASH_ATTENTION_WITH_SM90
-  if (on_sm90() && sm90::backward_unsupported_reason(params).empty()) return sm90::backward(params);
-#endif
-  return vectorisable(params) ? run_sm80(params) : run_packed(params);
+  return run_on_path(params);
 }
 
 }  // namespace flash_attention::cuda

@@ -211,6 +211,23 @@ Status run_packed(const ForwardParams& p, int arch, int smem_limit) {
   return st;
 }
 
+// float8_e4m3 runs only on the sm90 path (no sm80 kernels, no repacking fallback).
+std::string fp8_unsupported_reason(const ForwardParams& p, int arch) {
+#ifdef FLASH_ATTENTION_WITH_SM90
+  if (arch != 90) {
+    return "float8_e4m3 runs only on the sm90 kernels (an sm_90 Hopper GPU); this GPU is " +
+           (arch == 0 ? std::string("absent") : "sm_" + std::to_string(arch));
+  }
+  if (p.config.path == KernelPath::kSm80) {
+    return "config '" + p.config.to_string() + "' selects the sm80 path, which has no float8_e4m3 kernels";
+  }
+  return sm90::unsupported_reason(p);
+#else
+  (void)p, (void)arch;
+  return "float8_e4m3 runs only on the sm90 kernels: rebuild with FLASH_ATTENTION_CUDA_ARCHS including 90a";
+#endif
+}
+
 }  // namespace
 
 std::vector<int> archs_built() {
@@ -223,6 +240,7 @@ std::vector<int> archs_built() {
 }
 
 std::string unsupported_reason(const ForwardParams& p, int arch) {
+  if (p.dtype == DType::kFloat8E4M3) return fp8_unsupported_reason(p, arch);
   if (p.dtype == DType::kFloat32) return "the CUDA kernels take fp16 or bf16 inputs, not fp32";
   if (!dtype_built(p.dtype)) return std::string("this build has no CUDA kernels for ") + dtype_name(p.dtype);
   if (p.head_dim > 256) return "head_dim " + std::to_string(p.head_dim) + " > 256, the largest CUDA kernel";
@@ -246,7 +264,9 @@ std::string unsupported_reason(const ForwardParams& p, int arch) {
 std::vector<KernelConfig> configs(int arch, int head_dim, DType dtype) {
   std::vector<KernelConfig> out;
   if (arch < 80 || !arch_runs(arch)) return out;
-  for (const auto& k : sm80::fwd_kernels(headdim_specialisation(head_dim), dtype)) out.push_back(k.config);
+  if (dtype != DType::kFloat8E4M3) {
+    for (const auto& k : sm80::fwd_kernels(headdim_specialisation(head_dim), dtype)) out.push_back(k.config);
+  }
 #ifdef FLASH_ATTENTION_WITH_SM90
   if (arch == 90) {
     for (const auto& c : sm90::configs(head_dim, dtype)) out.push_back(c);

@@ -1,5 +1,6 @@
-// CUDA side of the KV-cache path: host-side index checks, the append + rotary kernels, the split-KV
-// attention dispatch (src/cuda/decode/decode_kernel.cuh) and the combine kernel.
+// CUDA side of the KV-cache path: host-side index checks, the append + rotary kernels, the launch plan
+// and dispatch of the split-KV attention kernel (src/cuda/decode/decode_kernel.cuh, which merges its
+// splits itself), and the combine kernel of flash_attn_combine.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -124,8 +125,11 @@ __global__ void rotate_q_kernel(const KVCacheParams p, const Rotary ro, E* q_rot
 }
 
 // ----------------------------------------------------------------------------------------------------
-// Combine: one warp per output row (b, i, h)
+// Combine (flash_attn_combine): one warp per output row (b, i, h); split s's weight is computed once
+// per lane and the lanes hold head dims lane, lane + 32, ...
 // ----------------------------------------------------------------------------------------------------
+
+constexpr int kCombineDimsPerLane = 8;  // head_dim <= 256
 
 __device__ __forceinline__ float warp_reduce_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -146,20 +150,25 @@ __global__ void combine_kernel(const CombineParams p) {
   float mx = -INFINITY;
   for (int s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, lse[s * p.lse_split_stride]);
   mx = warp_reduce_max(mx);
-  auto weight = [&](int s) { return mx == -INFINITY ? 0.f : __expf(lse[s * p.lse_split_stride] - mx); };
   float sum = 0.f;
-  for (int s = lane; s < p.num_splits; s += 32) sum += weight(s);
+  for (int s = lane; s < p.num_splits; s += 32) sum += mx == -INFINITY ? 0.f : __expf(lse[s * p.lse_split_stride] - mx);
   sum = warp_reduce_sum(sum);
   const TensorStrides& os = p.out_partial_strides;
   const float* part = p.out_partial + b * os.batch + i * os.row + h * os.head;
-  E* out = static_cast<E*>(p.out) + b * p.out_strides.batch + i * p.out_strides.row + h * p.out_strides.head;
-  for (int d = lane; d < p.head_dim; d += 32) {
-    float acc = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float w = weight(s);
-      if (w != 0.f) acc += w * part[s * p.out_partial_split_stride + d];
+  float acc[kCombineDimsPerLane] = {};
+  for (int s = 0; s < p.num_splits && mx != -INFINITY; ++s) {
+    const float w = __expf(lse[s * p.lse_split_stride] - mx);  // 0 for a part with lse = -inf
+#pragma unroll
+    for (int k = 0; k < kCombineDimsPerLane; ++k) {
+      const int d = lane + 32 * k;
+      if (d < p.head_dim) acc[k] += w * part[s * p.out_partial_split_stride + d];
     }
-    out[d] = from_f<E>(mx == -INFINITY ? 0.f : acc / sum);
+  }
+  E* out = static_cast<E*>(p.out) + b * p.out_strides.batch + i * p.out_strides.row + h * p.out_strides.head;
+#pragma unroll
+  for (int k = 0; k < kCombineDimsPerLane; ++k) {
+    const int d = lane + 32 * k;
+    if (d < p.head_dim) out[d] = from_f<E>(mx == -INFINITY ? 0.f : acc[k] / sum);
   }
   if (lane == 0 && p.softmax_lse) {
     p.softmax_lse[(int64_t(b) * p.num_heads + h) * p.seqlen + i] = mx == -INFINITY ? INFINITY : mx + __logf(sum);
@@ -215,55 +224,114 @@ Status check_indices_on_host(const KVCacheParams& p, cudaStream_t stream) {
   return kv::check_indices(host, {ptr(cu), ptr(seqlens), ptr(leftpad), ptr(batch_idx), ptr(table)});
 }
 
-int sm_count() {
+// ----------------------------------------------------------------------------------------------------
+// Launch plan: heads per CTA and splits of the key range
+// ----------------------------------------------------------------------------------------------------
+
+// Calls f(DecodeKernel<D, E>{}) for the smallest built head-dim specialisation D >= head_dim; false when
+// none is built.
+template <typename E, int D, int... Rest, typename F>
+bool with_kernel(int head_dim, F&& f) {
+  if constexpr (head_dim_built(D)) {
+    if (head_dim <= D) {
+      f(decode::DecodeKernel<D, E>{});
+      return true;
+    }
+  }
+  if constexpr (sizeof...(Rest) > 0) {
+    return with_kernel<E, Rest...>(head_dim, f);
+  } else {
+    return false;
+  }
+}
+template <typename F>
+bool with_kernel(DType dtype, int head_dim, F&& f) {
+  if (dtype == DType::kFloat16) return with_kernel<__half, 32, 64, 96, 128, 192, 256>(head_dim, f);
+  return with_kernel<__nv_bfloat16, 32, 64, 96, 128, 192, 256>(head_dim, f);
+}
+
+int device_sm_count() {
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
     return 1;
   }
   return sms;
 }
 
-// Splits of the key range. With no request: the count that minimises (waves of CTAs) x (key steps per
-// CTA), with two resident CTAs per SM (one for head dims > 128, whose buffers are twice as large); the
-// capacity bounds the keys (the lengths live on the device).
-int choose_splits(const KVCacheParams& p, int sms) {
-  if (p.num_splits > 0) return p.num_splits;
-  const int group_rows = p.seqlen_q * (p.num_heads / p.num_heads_k);
-  const int64_t ctas = int64_t(p.batch) * p.num_heads_k * ((group_rows + decode::kDecodeRows - 1) / decode::kDecodeRows);
-  const int64_t steps = (p.capacity() + decode::kDecodeKeys - 1) / decode::kDecodeKeys;
-  const int64_t slots = int64_t(sms) * (p.head_dim <= 128 ? 2 : 1);
-  int best = 1;
-  double best_cost = 1e30;
-  for (int s = 1; s <= std::min<int64_t>(128, std::max<int64_t>(1, steps / 2)); ++s) {
-    const double waves = double((ctas * s + slots - 1) / slots);
-    const double cost = waves * double((steps + s - 1) / s + 1) + 0.02 * s;  // +1: per-CTA prologue / epilogue
-    if (cost < best_cost) best_cost = cost, best = s;
-  }
-  return best;
+struct Plan {
+  int splits = 1;
+  int ctas_per_split = 1;
+};
+
+// Time model of one launch (microseconds), fitted to H200 measurements of this kernel (60 points, B 1..64,
+// Sk 1k..128k, 1..64 splits; benchmarks/results/h200_decode_diag.csv): a warp needs about 1.75 us per
+// block of 16 keys (D = 128) whatever else runs on its SM, so a wave of resident CTAs lasts kCtaUs + blocks
+// per warp x kBlockUs; each split adds kSplitUs (partials, merge). Its argmin fills the resident slots in
+// whole waves: e.g. H = 32, Hk = 8 on 132 SMs x 2 CTAs: 33 splits at B = 1, 4 at B = 8, 1 at B = 64.
+double model_us(const KVCacheParams& p, int64_t ctas, int64_t blocks_per_warp, int splits, int64_t slots) {
+  constexpr double kCtaUs = 12.0, kBlockUs = 1.75, kSplitUs = 0.2;
+  const double waves = double((ctas + slots - 1) / slots);
+  const double block_us = kBlockUs * std::max(0.25, p.head_dim / 128.0);
+  return waves * (kCtaUs + blocks_per_warp * block_us) + (splits > 1 ? kSplitUs * splits : 0.0);
 }
 
+// Splits of the key blocks of the capacity: the requested count or the model's choice, at most kMaxSplits,
+// each a whole number of rounds of the CTA's warps (so that no split is empty).
+Plan make_plan(const KVCacheParams& p) {
+  constexpr int kRound = decode::kDecodeWarps;
+  Plan plan;
+  const int tiles = (p.seqlen_q * (p.num_heads / p.num_heads_k) + decode::kDecodeRows - 1) / decode::kDecodeRows;
+  plan.ctas_per_split = tiles * p.num_heads_k;
+  const int64_t blocks = std::max<int64_t>(1, (p.capacity() + decode::kDecodeBlock - 1) / decode::kDecodeBlock);
+  auto per_split = [&](int splits) { return ((blocks + splits - 1) / splits + kRound - 1) / kRound * kRound; };
+  auto fewest = [&](int splits) { return static_cast<int>((blocks + per_split(splits) - 1) / per_split(splits)); };
+  const int max_splits = static_cast<int>(std::min<int64_t>(decode::kMaxSplits, blocks));
+  if (p.num_splits > 0) {
+    plan.splits = fewest(std::min(p.num_splits, max_splits));
+    return plan;
+  }
+  int per_sm = 0;
+  with_kernel(p.dtype, p.head_dim, [&](auto kernel) { per_sm = decltype(kernel)::ctas_per_sm(); });
+  const int64_t slots = int64_t(device_sm_count()) * std::max(per_sm, 1);
+  double best = 1e300;
+  for (int s = 1; s <= max_splits; ++s) {
+    const int splits = fewest(s);
+    const double t = model_us(p, int64_t(plan.ctas_per_split) * p.batch * splits, per_split(splits) / kRound, splits,
+                              slots);
+    if (t < best) best = t, plan.splits = splits;
+  }
+  return plan;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Workspace and dispatch
+// ----------------------------------------------------------------------------------------------------
+
 struct Workspace {
-  std::size_t q_rot = 0, out_accum = 0, lse_accum = 0, total = 0;
+  std::size_t q_rot = 0, out_accum = 0, lse_accum = 0, counters = 0, counter_bytes = 0, total = 0;
 };
 
 int64_t total_rows(const KVCacheParams& p) { return p.is_varlen() ? p.total_q : int64_t(p.batch) * p.seqlen_q; }
 
-Workspace workspace_layout(const KVCacheParams& p, int splits) {
+Workspace workspace_layout(const KVCacheParams& p, const Plan& plan) {
   auto round = [](std::size_t x) { return (x + 255) / 256 * 256; };
   const std::size_t elems = std::size_t(total_rows(p)) * p.num_heads * p.head_dim;
   Workspace w;
   std::size_t at = 0;
   if (p.has_rotary()) w.q_rot = at, at += round(elems * dtype_size(p.dtype));
-  if (splits > 1) {
-    w.out_accum = at, at += round(splits * elems * 4);
-    w.lse_accum = at, at += round(std::size_t(splits) * total_rows(p) * p.num_heads * 4);
+  if (plan.splits > 1) {
+    w.out_accum = at, at += round(plan.splits * elems * 4);
+    w.lse_accum = at, at += round(std::size_t(plan.splits) * total_rows(p) * p.num_heads * 4);
+    w.counter_bytes = std::size_t(p.batch) * plan.ctas_per_split * 4;
+    w.counters = at, at += round(w.counter_bytes);
   }
   w.total = at;
   return w;
 }
 
-DecodeArgs decode_args(const KVCacheParams& p, int splits) {
+DecodeArgs decode_args(const KVCacheParams& p, const Plan& plan) {
   DecodeArgs a;
   a.q = p.q;
   a.q_batch = p.q_strides.batch, a.q_row = p.q_strides.row, a.q_head = p.q_strides.head;
@@ -287,36 +355,22 @@ DecodeArgs decode_args(const KVCacheParams& p, int splits) {
   a.scale = p.softmax_scale, a.softcap = p.softcap;
   a.alibi = p.alibi_slopes, a.alibi_batch_stride = p.alibi_batch_stride;
   a.window_left = p.window_left, a.window_right = p.window_right;
-  a.num_splits = splits;
+  a.num_splits = plan.splits;
   a.out = p.out;
   a.out_batch = p.out_strides.batch, a.out_row = p.out_strides.row, a.out_head = p.out_strides.head;
   a.lse = p.softmax_lse;
   return a;
 }
 
-// Smallest built head-dim specialisation >= args.head_dim.
-template <typename E, int D, int... Rest>
-Status dispatch_head_dim(const DecodeArgs& a, cudaStream_t stream) {
-  if constexpr (head_dim_built(D)) {
-    if (a.head_dim <= D) return decode::run_decode<D, E>(a, stream);
-  }
-  if constexpr (sizeof...(Rest) > 0) {
-    return dispatch_head_dim<E, Rest...>(a, stream);
-  } else {
-    return Status::NotSupported("no CUDA KV-cache kernel was built for head_dim " + std::to_string(a.head_dim) +
-                                " (FLASH_ATTENTION_HEADDIMS)");
-  }
-}
-
 template <typename E>
-Status run(const KVCacheParams& p, int splits, char* ws_base, const Workspace& ws, cudaStream_t stream) {
+Status run(const KVCacheParams& p, const Plan& plan, char* ws_base, const Workspace& ws, cudaStream_t stream) {
   const Rotary ro = rotary_of(p);
   if (p.has_new_kv()) {
     const dim3 grid((p.seqlen_new * p.num_heads_k + 3) / 4, p.batch);
     append_kernel<E><<<grid, 128, 0, stream>>>(p, ro);
     FA_RETURN_IF_ERROR(cuda_error(cudaGetLastError(), "append kernel launch"));
   }
-  DecodeArgs a = decode_args(p, splits);
+  DecodeArgs a = decode_args(p, plan);
   if (p.has_rotary()) {
     E* q_rot = reinterpret_cast<E*>(ws_base + ws.q_rot);
     const bool per_row = p.window_left >= 0 || (p.window_right >= 0 && p.window_right < p.capacity());
@@ -326,40 +380,26 @@ Status run(const KVCacheParams& p, int splits, char* ws_base, const Workspace& w
     a.q = q_rot;
     a.q_head = p.head_dim, a.q_row = int64_t(p.num_heads) * p.head_dim, a.q_batch = p.seqlen_q * a.q_row;
   }
-  if (splits > 1) {
+  if (plan.splits > 1) {
     a.out_accum = reinterpret_cast<float*>(ws_base + ws.out_accum);
     a.lse_accum = reinterpret_cast<float*>(ws_base + ws.lse_accum);
+    a.counters = reinterpret_cast<int32_t*>(ws_base + ws.counters);
+    FA_RETURN_IF_ERROR(cuda_error(cudaMemsetAsync(a.counters, 0, ws.counter_bytes, stream), "zeroing the counters"));
   }
-  FA_RETURN_IF_ERROR((dispatch_head_dim<E, 32, 64, 96, 128, 192, 256>(a, stream)));
-  if (splits == 1) return Status::Ok();
-
-  // Merge the partials (rows of all sequences packed: (splits, total_rows, H, D)).
-  CombineParams c;
-  c.out_dtype = p.dtype;
-  c.num_splits = splits;
-  c.batch = p.is_varlen() ? 1 : p.batch;
-  c.seqlen = p.is_varlen() ? static_cast<int>(p.total_q) : p.seqlen_q;
-  c.num_heads = p.num_heads;
-  c.head_dim = p.head_dim;
-  const int64_t row = int64_t(p.num_heads) * p.head_dim;
-  c.out_partial = a.out_accum;
-  c.out_partial_split_stride = a.total_rows * row;
-  c.out_partial_strides = {c.seqlen * row, row, p.head_dim};
-  c.lse_partial = a.lse_accum;
-  c.lse_split_stride = a.total_rows * p.num_heads;
-  c.lse_batch_stride = int64_t(c.seqlen) * p.num_heads, c.lse_row_stride = p.num_heads, c.lse_head_stride = 1;
-  c.out = p.out;
-  c.out_strides = p.is_varlen() ? TensorStrides{0, p.out_strides.row, p.out_strides.head} : p.out_strides;
-  c.softmax_lse = p.softmax_lse;
-  c.stream = stream;
-  if (c.seqlen == 0) return Status::Ok();
-  return launch_combine(c);
+  Status status = Status::Ok();
+  const bool built = with_kernel<E, 32, 64, 96, 128, 192, 256>(
+      p.head_dim, [&](auto kernel) { status = decltype(kernel)::run(a, stream); });
+  if (!built) {
+    return Status::NotSupported("no CUDA KV-cache kernel was built for head_dim " + std::to_string(p.head_dim) +
+                                " (FLASH_ATTENTION_HEADDIMS)");
+  }
+  return status;
 }
 
 }  // namespace
 
 std::size_t kvcache_workspace_size(const KVCacheParams& params) {
-  return workspace_layout(params, choose_splits(params, sm_count())).total;
+  return workspace_layout(params, make_plan(params)).total;
 }
 
 Status kvcache_forward(const KVCacheParams& p) {
@@ -371,8 +411,8 @@ Status kvcache_forward(const KVCacheParams& p) {
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   if (p.check_indices) FA_RETURN_IF_ERROR(check_indices_on_host(p, stream));
 
-  const int splits = choose_splits(p, sm_count());
-  const Workspace ws = workspace_layout(p, splits);
+  const Plan plan = make_plan(p);
+  const Workspace ws = workspace_layout(p, plan);
   char* base = static_cast<char*>(p.workspace);
   void* owned = nullptr;
   if (ws.total > 0 && base == nullptr) {
@@ -382,8 +422,8 @@ Status kvcache_forward(const KVCacheParams& p) {
     return Status::InvalidArgument("workspace_bytes (" + std::to_string(p.workspace_bytes) +
                                    ") is smaller than kvcache_workspace_size() (" + std::to_string(ws.total) + ")");
   }
-  const Status status = p.dtype == DType::kFloat16 ? run<__half>(p, splits, base, ws, stream)
-                                                   : run<__nv_bfloat16>(p, splits, base, ws, stream);
+  const Status status = p.dtype == DType::kFloat16 ? run<__half>(p, plan, base, ws, stream)
+                                                   : run<__nv_bfloat16>(p, plan, base, ws, stream);
   if (owned) cudaFreeAsync(owned, stream);
   return status;
 }

@@ -51,11 +51,15 @@ void raise_if_error(const Status& status) {
   }
 }
 
-DType to_dtype(at::ScalarType type, const char* name) {
+// float8_e4m3fn only where the caller is an FP8 entry point (fwd_fp8).
+DType to_dtype(at::ScalarType type, const char* name, bool allow_fp8 = false) {
   switch (type) {
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kFloat: return DType::kFloat32;
+    case at::kFloat8_e4m3fn:
+      TORCH_CHECK_TYPE(allow_fp8, name, " is float8_e4m3fn: FP8 attention is the fwd_fp8 op (forward only)");
+      return DType::kFloat8E4M3;
     default:
       TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16 or float32 (got ", type, ")");
   }
@@ -118,8 +122,8 @@ void check_cu_seqlens(const Tensor& cu, const char* name, const Tensor& q) {
 }
 
 Shape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& cu_q,
-                const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const DType dt = to_dtype(q.scalar_type(), "q");
+                const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool fp8 = false) {
+  const DType dt = to_dtype(q.scalar_type(), "q", fp8);
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(),
                    ", got ", k.scalar_type(), ")");
   TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), "v must have the dtype of q (", q.scalar_type(),
@@ -229,8 +233,9 @@ std::pair<uint64_t, uint64_t> draw_philox(const Tensor& q) {
 
 Tensor make_rng_state(uint64_t seed, uint64_t offset) {
   Tensor state = at::empty({2}, at::TensorOptions().dtype(at::kLong));
-  state[0] = static_cast<int64_t>(seed);
-  state[1] = static_cast<int64_t>(offset);
+  int64_t* data = state.data_ptr<int64_t>();  // direct writes: no indexing ops on every call
+  data[0] = static_cast<int64_t>(seed);
+  data[1] = static_cast<int64_t>(offset);
   return state;
 }
 
@@ -256,7 +261,7 @@ struct Options {
 void fill_params(ForwardParams& p, const Tensor& q, const Tensor& k, const Tensor& v, const Shape& s,
                  const OptTensor& cu_q, const OptTensor& cu_k, const OptTensor& alibi, const Options& o) {
   p.device = to_device(q, "q");
-  p.dtype = to_dtype(q.scalar_type(), "q");
+  p.dtype = to_dtype(q.scalar_type(), "q", true);  // checked by check_qkv
   p.batch = static_cast<int>(s.batch);
   p.seqlen_q = static_cast<int>(s.seqlen_q);
   p.seqlen_k = static_cast<int>(s.seqlen_k);
@@ -399,6 +404,53 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q_in
   p.deterministic = deterministic;
   raise_if_error(backward(p));
   return {dq, dk, dv};
+}
+
+// FP8 forward: q, k, v float8_e4m3fn (batch, seqlen, heads, head_dim); q/k/v_descale fp32
+// (batch, heads_k) or None (= 1). Returns out in bfloat16 and softmax_lse (batch, heads, seqlen_q).
+// Forward only: the autograd formula registered in _ops.py raises.
+void check_descale(const OptTensor& t, const char* name, const Shape& s, const Tensor& q) {
+  if (!t) return;
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, name, " must be float32 (got ", t->scalar_type(), ")");
+  check_same_device(*t, name, q);
+  TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == s.batch && t->size(1) == s.heads_k, name,
+                    " must have shape (batch, nheads_k) = (", s.batch, ", ", s.heads_k, ") (got ", t->sizes(), ")");
+}
+
+std::tuple<Tensor, Tensor> fwd_fp8(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                   const OptTensor& q_descale_in, const OptTensor& k_descale_in,
+                                   const OptTensor& v_descale_in, double softmax_scale, bool causal,
+                                   int64_t window_left, int64_t window_right, double softcap,
+                                   c10::string_view config) {
+  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn (got ", q_in.scalar_type(), ")");
+  const Shape s = check_qkv(q_in, k_in, v_in, std::nullopt, std::nullopt, 0, 0, /*fp8=*/true);
+  check_descale(q_descale_in, "q_descale", s, q_in);
+  check_descale(k_descale_in, "k_descale", s, q_in);
+  check_descale(v_descale_in, "v_descale", s, q_in);
+  check_options(0.0, window_left, window_right, softcap);
+  DeviceScope scope(q_in);
+
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const OptTensor q_descale = contiguous_opt(q_descale_in), k_descale = contiguous_opt(k_descale_in);
+  const OptTensor v_descale = contiguous_opt(v_descale_in);
+  Tensor out = at::empty(q.sizes(), q.options().dtype(at::kBFloat16));
+  Tensor lse = at::empty({s.batch, s.heads, s.seqlen_q}, q.options().dtype(at::kFloat));
+  if (is_empty(s)) {
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  ForwardParams p;
+  const Options o{0.0, softmax_scale, softcap, causal, window_left, window_right, std::string(config)};
+  fill_params(p, q, k, v, s, std::nullopt, std::nullopt, std::nullopt, o);
+  p.out = out.data_ptr();
+  p.out_strides = strides_of(out);
+  p.softmax_lse = lse.data_ptr<float>();
+  p.q_descale = q_descale ? q_descale->data_ptr<float>() : nullptr;
+  p.k_descale = k_descale ? k_descale->data_ptr<float>() : nullptr;
+  p.v_descale = v_descale ? v_descale->data_ptr<float>() : nullptr;
+  raise_if_error(forward(p));
+  return {out, lse};
 }
 
 Tensor dropout_mask_op(const Tensor& rng_state, double p, int64_t batch, int64_t heads, int64_t seqlen_q,
@@ -663,12 +715,14 @@ std::string cuda_unsupported_reason_op(int64_t device_index, at::ScalarType dtyp
                                        int64_t window_left, int64_t window_right, double softcap,
                                        int64_t alibi_dims, c10::string_view config) {
   if (!cuda_built()) return "flash_attention was built without CUDA kernels";
-  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) return "unsupported dtype";
+  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat && dtype != at::kFloat8_e4m3fn) {
+    return "unsupported dtype";
+  }
   alignas(256) static const char kSomewhere[256] = {};
   static const int32_t kNoSeqlens[1] = {0};
   ForwardParams p;
   p.device = Device::kCUDA;
-  p.dtype = to_dtype(dtype, "dtype");
+  p.dtype = to_dtype(dtype, "dtype", true);
   p.batch = static_cast<int>(batch);
   p.seqlen_q = static_cast<int>(seqlen_q);
   p.seqlen_k = static_cast<int>(seqlen_k);
@@ -749,6 +803,10 @@ TORCH_LIBRARY(flash_attention, m) {
       "int window_left, int window_right, float softcap, Tensor? alibi_slopes, str config=\"\", "
       "bool deterministic=False) -> (Tensor out, Tensor softmax_lse, Tensor rng_state)");
   m.def(
+      "fwd_fp8(Tensor q, Tensor k, Tensor v, Tensor? q_descale, Tensor? k_descale, Tensor? v_descale, "
+      "float softmax_scale, bool causal, int window_left, int window_right, float softcap, str config=\"\") "
+      "-> (Tensor out, Tensor softmax_lse)");
+  m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
       "float dropout_p, float softmax_scale, bool causal, int window_left, int window_right, "
@@ -779,6 +837,7 @@ TORCH_LIBRARY(flash_attention, m) {
 TORCH_LIBRARY_IMPL(flash_attention, CPU, m) {
   namespace ops = flash_attention::torch_ops;
   m.impl("fwd", &ops::fwd);
+  m.impl("fwd_fp8", &ops::fwd_fp8);
   m.impl("bwd", &ops::bwd);
   m.impl("dropout_mask", &ops::dropout_mask_op);
   m.impl("fwd_kvcache", &ops::fwd_kvcache);  // KV cache section
@@ -790,5 +849,6 @@ TORCH_LIBRARY_IMPL(flash_attention, CUDA, m) {
   m.impl("fwd_kvcache", &ops::fwd_kvcache);  // KV cache section
   m.impl("fwd_combine", &ops::fwd_combine);  // KV cache section
   m.impl("fwd", &ops::fwd);
+  m.impl("fwd_fp8", &ops::fwd_fp8);
   m.impl("bwd", &ops::bwd);
 }

@@ -331,6 +331,34 @@ def test_cuda_long_caches(case):
 
 
 @needs_cuda
+def test_cuda_split_merge_is_deterministic():
+    """The in-kernel split merge: any split count matches the reference; a repeated call is bit-identical."""
+    pr = make_problem("cuda", B=3, Sq=1, H=32, Hk=8, D=128, Sk=5000, page=16, seed=11)
+    pr["cache_seqlens"][0] = 0  # an empty sequence: out = 0, lse = +inf through the merge
+    for splits in (0, 1, 2, 7, 128, 256):  # 256: more than the kernel's 128, clamped
+        run_and_check(pr, num_splits=splits)
+        first = flash_attn_with_kvcache(**pr, num_splits=splits, return_softmax_lse=True)
+        again = flash_attn_with_kvcache(**pr, num_splits=splits, return_softmax_lse=True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), f"num_splits={splits}"
+
+
+# (B, Sq, H, Hk, Sk, page, window, alibi): GQA groups of 4 / 4 / 1 / 2 query heads, one and several row tiles
+GROUPS = [(2, 1, 32, 8, 3000, None, (-1, -1), False), (3, 5, 16, 4, 777, 48, (100, 0), True),
+          (2, 5, 8, 8, 300, 16, (-1, 0), False), (1, 9, 4, 2, 2000, None, (-1, -1), True)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", GROUPS, ids=[f"B{c[0]}-Sq{c[1]}-H{c[2]}-Hk{c[3]}" for c in GROUPS])
+def test_cuda_groups_and_splits(case):
+    B, Sq, H, Hk, Sk, page, window, alibi = case
+    pr = make_problem("cuda", B=B, Sq=Sq, H=H, Hk=Hk, D=128, Sk=Sk, page=page, new=1, rotary_fraction=0.5,
+                      leftpad=True, seed=Sk)
+    slopes = torch.rand(B, H, device="cuda") * 0.1 if alibi else None
+    for splits in (0, 1, 5):
+        run_and_check(pr, window=window, alibi=slopes, num_splits=splits)
+
+
+@needs_cuda
 def test_cuda_graph_capture_matches_eager():
     pr = make_problem("cuda", B=2, Sq=1, Sk=3000, page=16, new=1, rotary_fraction=0.5)
     k0, v0 = pr["k_cache"].clone(), pr["v_cache"].clone()

@@ -2,7 +2,10 @@
 //
 // Work decomposition: query rows of one KV head are packed together (row r of a tile = query index
 // r / G and head hk * G + r % G, G = H / Hk), so every K/V byte a CTA reads serves all query heads of its
-// group. grid = (row_tiles * Hk, num_splits, B); split s of a row tile covers a contiguous run of keys.
+// group. A CTA takes one row tile of one KV head and one of `num_splits` contiguous runs of keys:
+// grid = (row_tiles * Hk, num_splits, B). With several splits, every CTA writes fp32 partials and the last
+// CTA of a (batch, row tile, KV head) to finish merges them in split order, in the same launch
+// (deterministic: the order does not depend on which CTA arrives last).
 #pragma once
 
 #include <cstddef>
@@ -45,24 +48,34 @@ struct DecodeArgs {
   int64_t alibi_batch_stride = 0;
   int window_left = -1, window_right = -1;
 
-  int num_splits = 1;
-  // num_splits == 1: final output. out rows: dense b * out_batch + i * out_row; varlen (q_start + i) * out_row.
+  int num_splits = 1;      // <= kMaxSplits
+  // Final output. out rows: dense b * out_batch + i * out_row; varlen (q_start + i) * out_row.
   void* out = nullptr;
   int64_t out_batch = 0, out_row = 0, out_head = 0;
   float* lse = nullptr;    // dense (B, H, Sq); varlen (H, total_q)
-  // num_splits > 1: partials (splits, total_rows, H, D) fp32 and (splits, total_rows, H) fp32.
+  // num_splits > 1: partials (splits, total_rows, H, D) and (splits, total_rows, H) fp32, and one arrival
+  // counter per CTA of a split (B * gridDim.x int32), zero before the launch.
   float* out_accum = nullptr;
   float* lse_accum = nullptr;
+  int32_t* counters = nullptr;
 };
 
-constexpr int kDecodeRows = 16;  // packed query rows per CTA (the m of mma.m16n8k16)
-constexpr int kDecodeKeys = 64;  // keys per CTA step: 4 warps x 16
+constexpr int kDecodeRows = 16;      // packed query rows per head (the m of mma.m16n8k16)
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeBlock = 16;     // keys per warp step
+constexpr int kMaxSplits = 128;      // the merge keeps (splits x rows) weights in shared memory
+
 inline int row_tiles(const DecodeArgs& a) {
   return (a.seqlen_q * (a.heads / a.heads_k) + kDecodeRows - 1) / kDecodeRows;
 }
+inline int ctas_per_split(const DecodeArgs& a) { return row_tiles(a) * a.heads_k; }
 
-// Launches the attention kernel compiled for head dim kHeadDim (>= args.head_dim) and Element.
+// The attention kernel compiled for head dim kHeadDim (>= args.head_dim) and Element.
 template <int kHeadDim, typename Element>
-Status run_decode(const DecodeArgs& args, cudaStream_t stream);
+struct DecodeKernel {
+  static Status run(const DecodeArgs& args, cudaStream_t stream);
+  // Resident CTAs per multiprocessor of the current device (0 if the query fails).
+  static int ctas_per_sm();
+};
 
 }  // namespace flash_attention::cuda::decode

@@ -1,12 +1,18 @@
 // Split-KV attention over a (paged) KV cache on the tensor cores (mma.sync m16n8k16, CuTe atoms).
 //
-// One CTA (4 warps) = (16 packed query rows of one KV head, split, batch): row r = query index r / G,
-// head hk * G + r % G, so every K/V byte read serves the whole GQA group. The CTA's key range is cut
-// into blocks of 16 keys; warp w takes blocks w, w + 4, ... and runs on its own (no CTA barrier per
-// block): a private 3-stage cp.async pipeline of 16-byte loads (K and V rows of its block, addresses
-// from the page table looked up one block ahead), S = Q K^T and O += P V with mma.sync, and an online
-// softmax on the accumulator fragments. At the end the four warps' (max, sum, O) are merged through
-// shared memory in a fixed order, and the CTA writes the output + lse (one split) or fp32 partials.
+// One CTA (4 warps) = (16 packed query rows of one KV head, split, batch); see decode_args.h. The CTA's key
+// range is cut into blocks of 16 keys; warp w takes blocks w, w + 4, ... and runs on its own (no CTA
+// barrier per block): a private 3-stage cp.async pipeline of 16-byte loads (K and V rows of its block,
+// addresses from the page table looked up one block ahead), S = Q K^T and O += P V with mma.sync, and an
+// online softmax on the accumulator fragments. At the end the warps merge their (max, sum, O) through
+// shared memory in a fixed order; the CTA writes the output + lse (one split) or fp32 partials, and the
+// last CTA of the splits to arrive merges those (merge_splits).
+//
+// Measured on H200 (benchmarks/results/h200_decode_diag.csv): a warp needs about 1.75 us per block of 16
+// keys whatever else runs on its SM (apparently bound by its own instruction latencies: ~1000 SASS
+// instructions a block). With 3 stages only two CTAs resided per SM (107 KB of shared memory each: 4 warps
+// x 3 stages x 16 keys x K and V rows of 272 bytes) and the kernel topped out near 3.9 TB/s; 2 stages
+// (70 KB) fit three. A head-major cache and a 256-byte L2 prefetch hint measured the same as the baseline.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4): A (16x16) rows g / g+8, columns
 // 2t, 2t+1 (+8); B (16x8) rows 2t, 2t+1 (+8), column g; C (16x8) rows g / g+8, columns 2t, 2t+1.
@@ -15,11 +21,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <string>
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/mma_sm80.hpp>
-#include <cutlass/arch/memory_sm80.h>
 
 #include "cuda/decode/decode_args.h"
 
@@ -66,26 +72,80 @@ __device__ __forceinline__ int2 key_location(const DecodeArgs& a, const SeqView&
   return {(page >= 0 && page < a.cache_batch) ? page : -1, pos - blk * a.page_size};
 }
 
+// What one CTA computes: rows [row0, row0 + rows) of KV head hk of sequence b, over key blocks
+// [k_begin, k_end) (blocks of kDecodeBlock keys).
+struct CtaWork {
+  SeqView s;
+  int b = 0, split = 0, group = 1, row0 = 0, rows = 0, hk = 0, offset = 0;
+  int k_begin = 0, k_end = 0;
+};
+
+__device__ __forceinline__ CtaWork cta_work(const DecodeArgs& a) {
+  CtaWork w;
+  w.b = blockIdx.z;
+  w.split = blockIdx.y;
+  w.group = a.heads / a.heads_k;
+  w.hk = blockIdx.x % a.heads_k;
+  w.row0 = (blockIdx.x / a.heads_k) * kDecodeRows;
+  w.s = seq_view(a, w.b);
+  w.rows = min(kDecodeRows, w.s.sq * w.group - w.row0);
+  w.offset = w.s.sk - w.s.sq;
+  // The visible keys of the tile's rows, cut into num_splits runs of whole rounds of the warps.
+  const int i_first = w.row0 / w.group, i_last = (w.row0 + max(w.rows, 1) - 1) / w.group;
+  const int n_lo = a.window_left >= 0 ? max(0, i_first + w.offset - a.window_left) : 0;
+  const int n_hi = a.window_right >= 0 ? min(w.s.sk, i_last + w.offset + a.window_right + 1) : w.s.sk;
+  const int k_lo = n_lo / kDecodeBlock;
+  const int k_hi = n_hi > n_lo ? (n_hi + kDecodeBlock - 1) / kDecodeBlock : k_lo;
+  int per_split = (k_hi - k_lo + a.num_splits - 1) / a.num_splits;
+  per_split = (per_split + kDecodeWarps - 1) / kDecodeWarps * kDecodeWarps;
+  w.k_begin = min(k_hi, k_lo + w.split * per_split);
+  w.k_end = min(k_hi, w.k_begin + per_split);
+  return w;
+}
+
+// Query index, head and packed global row (dense b * Sq + i, varlen q_start + i) of tile row r.
+struct RowRef {
+  int i = 0, h = 0;
+  int64_t row_g = 0;
+};
+
+__device__ __forceinline__ RowRef row_ref(const DecodeArgs& a, const CtaWork& w, int r) {
+  RowRef ref;
+  ref.i = (w.row0 + r) / w.group;
+  ref.h = w.hk * w.group + (w.row0 + r) % w.group;
+  ref.row_g = a.cu_seqlens_q ? w.s.q_start + ref.i : int64_t(w.b) * a.seqlen_q + ref.i;
+  return ref;
+}
+
 // ----------------------------------------------------------------------------------------------------
-// The kernel
+// Shared memory plan and small device helpers
 // ----------------------------------------------------------------------------------------------------
+
+constexpr int cmax(int x, int y) { return x > y ? x : y; }
 
 template <int kHeadDim>
 struct Traits {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kDecodeWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRows = kDecodeRows;
-  static constexpr int kBlock = kDecodeKeys / kWarps;        // keys per warp step
-  static constexpr int kStages = kHeadDim <= 128 ? 3 : 2;   // per warp
+  static constexpr int kBlock = kDecodeBlock;
+  // Per warp. Two stages keep 16-byte loads far beyond what HBM latency needs in flight, and at hdim 128
+  // (70 KB per CTA) let three CTAs reside per SM instead of two: a warp's speed is bound by its own
+  // instruction latencies, so throughput follows the number of resident warps.
+  static constexpr int kStages = 2;
   static constexpr int kChunks = kHeadDim / 8;              // 16-byte chunks per row
   static constexpr int kRowElems = kHeadDim + 8;            // +16 bytes: ldmatrix rows hit distinct banks
   static constexpr int kStageElems = 2 * kBlock * kRowElems;  // K then V
   static constexpr int kKVBytes = kWarps * kStages * kStageElems * 2;
+  static constexpr int kMergeBytes = kWarps * kRows * kHeadDim * 4;           // warps' O, after the loop
+  static constexpr int kWeightBytes = kMaxSplits * kRows * 4;                  // split weights, at the end
+  static constexpr int kScratchBytes = cmax(kKVBytes, cmax(kMergeBytes, kWeightBytes));
+  // Statistics: per warp (max, sum) of its 16 rows, the merged (max, sum), the last-arrival flag.
+  static constexpr int kStatFloats = 2 * kWarps * kRows + 2 * kRows + 4;
   static constexpr int kQBytes = kRows * kRowElems * 2;
-  static constexpr int kMergeBytes = kWarps * kRows * kHeadDim * 4;  // reuses the K/V buffers
-  static constexpr int kSmemBytes = kKVBytes + kQBytes + 2 * kWarps * kRows * 4 + 2 * kRows * 4;
-  static_assert(kMergeBytes <= kKVBytes, "merge buffer must fit in the K/V buffers");
+  static constexpr int kSmemBytes = kStatFloats * 4 + kScratchBytes + kQBytes;
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16");
+  static_assert(kScratchBytes % 16 == 0 && (kStatFloats * 4) % 16 == 0, "16-byte aligned regions");
 };
 
 template <typename Element> struct MmaOp;
@@ -118,74 +178,72 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
   MmaOp<Element>::type::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2], d[3]);
 }
 
+// 16-byte global -> shared copy that bypasses L1 (zero-filled when !ok).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool ok) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+
+// ----------------------------------------------------------------------------------------------------
+// Stages of the kernel
+// ----------------------------------------------------------------------------------------------------
+
+// Q tile (bf16 / fp16) into shared memory; rows past `rows` and dims past head_dim are zero.
 template <int kHeadDim, typename Element>
-__global__ void __launch_bounds__(Traits<kHeadDim>::kThreads)
-decode_kernel(const DecodeArgs a) {
+__device__ __forceinline__ void load_q(const DecodeArgs& a, const CtaWork& w, Element* q_s) {
   using T = Traits<kHeadDim>;
-  constexpr int kRows = T::kRows;
-  extern __shared__ __align__(16) char smem[];
-  Element* kv_s = reinterpret_cast<Element*>(smem);                       // [warp][stage][K|V][16][kRowElems]
-  Element* q_s = reinterpret_cast<Element*>(smem + T::kKVBytes);           // [16][kRowElems]
-  float* wm_s = reinterpret_cast<float*>(smem + T::kKVBytes + T::kQBytes);  // [warp][16] running max (log2)
-  float* wl_s = wm_s + T::kWarps * kRows;                                  // [warp][16] row sums
-  float* m_s = wl_s + T::kWarps * kRows;                                   // [16] merged max
-  float* l_s = m_s + kRows;                                                // [16] merged sum
-
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
-  const int hk = blockIdx.x % a.heads_k, row_tile = blockIdx.x / a.heads_k;
-  const int split = blockIdx.y, b = blockIdx.z;
-  const int group = a.heads / a.heads_k;
-  const SeqView s = seq_view(a, b);
-  const int row0 = row_tile * kRows;
-  const int rows = min(kRows, s.sq * group - row0);
-  if (rows <= 0) return;
-
-  // Key blocks of this CTA: the visible range of its rows, cut into num_splits runs.
-  const int offset = s.sk - s.sq;
-  const int i_first = row0 / group, i_last = (row0 + rows - 1) / group;
-  const int n_lo = a.window_left >= 0 ? max(0, i_first + offset - a.window_left) : 0;
-  const int n_hi = a.window_right >= 0 ? min(s.sk, i_last + offset + a.window_right + 1) : s.sk;
-  const int k_lo = n_lo / T::kBlock;
-  const int k_hi = n_hi > n_lo ? (n_hi + T::kBlock - 1) / T::kBlock : k_lo;
-  const int per_split = (k_hi - k_lo + a.num_splits - 1) / a.num_splits;
-  const int k_begin = min(k_hi, k_lo + split * per_split), k_end = min(k_hi, k_begin + per_split);
-  const int my_blocks = k_end - k_begin > warp ? (k_end - k_begin - warp + T::kWarps - 1) / T::kWarps : 0;
-
-  // Q tile (16 rows, bf16 / fp16) in shared memory; rows past `rows` and dims past head_dim are zero.
   const Element* q = static_cast<const Element*>(a.q);
-  for (int c = tid; c < kRows * T::kChunks; c += T::kThreads) {
+  for (int c = threadIdx.x; c < T::kRows * T::kChunks; c += T::kThreads) {
     const int r = c / T::kChunks, ch = c % T::kChunks;
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < rows && ch * 8 < a.head_dim) {
-      const int i = (row0 + r) / group, h = hk * group + (row0 + r) % group;
-      const int64_t qrow = a.cu_seqlens_q ? (s.q_start + i) * a.q_row : b * a.q_batch + i * a.q_row;
-      const Element* src = q + qrow + h * a.q_head + ch * 8;
+    if (r < w.rows && ch * 8 < a.head_dim) {
+      const RowRef ref = row_ref(a, w, r);
+      const int64_t qrow = a.cu_seqlens_q ? ref.row_g * a.q_row : w.b * a.q_batch + ref.i * a.q_row;
+      const Element* src = q + qrow + ref.h * a.q_head + ch * 8;  // q rows need not be 16-byte aligned
 #pragma unroll
       for (int e = 0; e < 8; ++e) reinterpret_cast<Element*>(&v)[e] = src[e];
     }
     *reinterpret_cast<uint4*>(q_s + r * T::kRowElems + ch * 8) = v;
   }
+}
+
+// One warp's running softmax state over its rows g and g + 8 (thread-local fragments).
+template <int kHeadDim>
+struct WarpState {
+  float acc[kHeadDim / 8][4];
+  float m_run[2], l_run[2];
+};
+
+// The warp's key blocks: K / V through a private cp.async pipeline, online softmax, O += P V.
+template <int kHeadDim, typename Element>
+__device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, Element* q_s, Element* kv_s,
+                                       WarpState<kHeadDim>& st) {
+  using T = Traits<kHeadDim>;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
+  const int span = w.k_end - w.k_begin;
+  const int my_blocks = span > warp ? (span - warp + T::kWarps - 1) / T::kWarps : 0;
 
   // This thread's two accumulator rows: g and g + 8.
-  int row_i[2], diag[2];
+  int diag[2];
   float slope[2];
   bool row_ok[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int r = g + 8 * hr;
-    row_ok[hr] = r < rows;
-    row_i[hr] = (row0 + r) / group;
-    diag[hr] = row_i[hr] + offset;
-    const int h = hk * group + (row0 + r) % group;
-    slope[hr] = (a.alibi && row_ok[hr]) ? a.alibi[b * a.alibi_batch_stride + h] * kLog2e : 0.f;
+    const RowRef ref = row_ref(a, w, r);
+    row_ok[hr] = r < w.rows;
+    diag[hr] = ref.i + w.offset;
+    slope[hr] = (a.alibi && row_ok[hr]) ? a.alibi[w.b * a.alibi_batch_stride + ref.h] * kLog2e : 0.f;
   }
 
-  // Per-warp pipeline over blocks k_begin + warp + 4 n.
   Element* my_kv = kv_s + warp * T::kStages * T::kStageElems;
-  const Element* kg = static_cast<const Element*>(a.k) + hk * a.k_head;
-  const Element* vg = static_cast<const Element*>(a.v) + hk * a.v_head;
-  auto block_key0 = [&](int n) { return (k_begin + warp + n * T::kWarps) * T::kBlock; };
-  auto locate = [&](int n) { return key_location(a, s, b, block_key0(n) + lane % T::kBlock); };
+  const Element* kg = static_cast<const Element*>(a.k) + w.hk * a.k_head;
+  const Element* vg = static_cast<const Element*>(a.v) + w.hk * a.v_head;
+  auto block_key0 = [&](int n) { return (w.k_begin + warp + n * T::kWarps) * T::kBlock; };
+  auto locate = [&](int n) { return key_location(a, w.s, w.b, block_key0(n) + lane % T::kBlock); };
   auto issue = [&](int stage, int2 loc) {  // lane l holds the location of row l % 16
     Element* ks = my_kv + stage * T::kStageElems;
     Element* vs = ks + T::kBlock * T::kRowElems;
@@ -196,23 +254,25 @@ decode_kernel(const DecodeArgs a) {
       const bool ok = page >= 0 && ch * 8 < a.head_dim;
       const Element* ksrc = ok ? kg + page * a.k_batch + prow * a.k_row + ch * 8 : kg;
       const Element* vsrc = ok ? vg + page * a.v_batch + prow * a.v_row + ch * 8 : vg;
-      cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(ks + row * T::kRowElems + ch * 8, ksrc, ok);
-      cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(vs + row * T::kRowElems + ch * 8, vsrc, ok);
+      cp_async_16(ks + row * T::kRowElems + ch * 8, ksrc, ok);
+      cp_async_16(vs + row * T::kRowElems + ch * 8, vsrc, ok);
     }
   };
 
+  // Prologue: the first stages are in flight before Q is loaded (by the caller, after this returns).
 #pragma unroll
-  for (int st = 0; st < T::kStages - 1; ++st) {
-    if (st < my_blocks) issue(st, locate(st));
-    cutlass::arch::cp_async_fence();
+  for (int s = 0; s < T::kStages - 1; ++s) {
+    if (s < my_blocks) issue(s, locate(s));
+    cp_async_commit();
   }
   int2 next_loc = T::kStages - 1 < my_blocks ? locate(T::kStages - 1) : int2{-1, 0};
+  load_q<kHeadDim, Element>(a, w, q_s);
   __syncthreads();  // q_s
 
-  float acc[kHeadDim / 8][4];
 #pragma unroll
-  for (int nt = 0; nt < kHeadDim / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  for (int nt = 0; nt < kHeadDim / 8; ++nt) st.acc[nt][0] = st.acc[nt][1] = st.acc[nt][2] = st.acc[nt][3] = 0.f;
+  st.m_run[0] = st.m_run[1] = -INFINITY;
+  st.l_run[0] = st.l_run[1] = 0.f;
   // ldmatrix row addresses: lane -> (matrix lane / 8, row lane % 8).
   const int lm = lane / 8, lr = lane % 8;
   const Element* q_frag = q_s + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
@@ -221,9 +281,9 @@ decode_kernel(const DecodeArgs a) {
     __syncwarp();  // every lane is done with the stage refilled below
     const int fill = n + T::kStages - 1;
     if (fill < my_blocks) issue(fill % T::kStages, next_loc);
-    cutlass::arch::cp_async_fence();
+    cp_async_commit();
     if (fill + 1 < my_blocks) next_loc = locate(fill + 1);
-    cutlass::arch::cp_async_wait<T::kStages - 1>();
+    cp_async_wait<T::kStages - 1>();
     __syncwarp();
     const Element* ks = my_kv + (n % T::kStages) * T::kStageElems;
     const Element* vs = ks + T::kBlock * T::kRowElems;
@@ -250,7 +310,7 @@ decode_kernel(const DecodeArgs a) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int j = key0 + 8 * nt + 2 * t4 + e;
-          const bool visible = row_ok[hr] && j < s.sk && (a.window_right < 0 || j <= diag[hr] + a.window_right) &&
+          const bool visible = row_ok[hr] && j < w.s.sk && (a.window_right < 0 || j <= diag[hr] + a.window_right) &&
                                (a.window_left < 0 || j >= diag[hr] - a.window_left);
           float x = sc[nt][2 * hr + e] * a.scale;
           if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
@@ -261,8 +321,8 @@ decode_kernel(const DecodeArgs a) {
       }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[hr], mx);
-      const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_run[hr] - m_new);
+      const float m_new = fmaxf(st.m_run[hr], mx);
+      const float alpha = m_new == -INFINITY ? 1.f : exp2f(st.m_run[hr] - m_new);
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -273,12 +333,12 @@ decode_kernel(const DecodeArgs a) {
           sum += x;
         }
       }
-      l_run[hr] = l_run[hr] * alpha + sum;
-      m_run[hr] = m_new;
+      st.l_run[hr] = st.l_run[hr] * alpha + sum;
+      st.m_run[hr] = m_new;
 #pragma unroll
       for (int nt = 0; nt < kHeadDim / 8; ++nt) {
-        acc[nt][2 * hr] *= alpha;
-        acc[nt][2 * hr + 1] *= alpha;
+        st.acc[nt][2 * hr] *= alpha;
+        st.acc[nt][2 * hr + 1] *= alpha;
       }
     }
 
@@ -290,95 +350,208 @@ decode_kernel(const DecodeArgs a) {
     for (int np = 0; np < kHeadDim / 16; ++np) {
       uint32_t vb[4];
       ldsm_x4_trans(v_frag + np * 16, vb);
-      mma<Element>(acc[2 * np], pa, vb[0], vb[1]);
-      mma<Element>(acc[2 * np + 1], pa, vb[2], vb[3]);
+      mma<Element>(st.acc[2 * np], pa, vb[0], vb[1]);
+      mma<Element>(st.acc[2 * np + 1], pa, vb[2], vb[3]);
     }
   }
-  cutlass::arch::cp_async_wait<0>();
+  cp_async_wait<0>();
+}
 
-  // Merge the warps: row max and sum, then the rescaled accumulators summed in warp order.
+// Merges the warps in warp order: the (max, sum) of each row into m_s / l_s (log2 domain) and each warp's
+// rescaled O into merge[warp][row][kHeadDim] (the K/V buffers, now free).
+template <int kHeadDim>
+__device__ __forceinline__ void merge_warps(WarpState<kHeadDim>& st, float* stats, float* merge) {
+  using T = Traits<kHeadDim>;
+  constexpr int kRows = T::kRows;
+  float* wm_s = stats;                     // [warp][16] running max (log2)
+  float* wl_s = wm_s + T::kWarps * kRows;  // [warp][16] row sums
+  float* m_s = wl_s + T::kWarps * kRows;   // [16]
+  float* l_s = m_s + kRows;                // [16]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    l_run[hr] += __shfl_xor_sync(0xffffffffu, l_run[hr], 1);
-    l_run[hr] += __shfl_xor_sync(0xffffffffu, l_run[hr], 2);
+    st.l_run[hr] += __shfl_xor_sync(0xffffffffu, st.l_run[hr], 1);
+    st.l_run[hr] += __shfl_xor_sync(0xffffffffu, st.l_run[hr], 2);
     if (t4 == 0) {
-      wm_s[warp * kRows + g + 8 * hr] = m_run[hr];
-      wl_s[warp * kRows + g + 8 * hr] = l_run[hr];
+      wm_s[warp * kRows + g + 8 * hr] = st.m_run[hr];
+      wl_s[warp * kRows + g + 8 * hr] = st.l_run[hr];
     }
   }
   __syncthreads();  // also: every warp is done with its K/V buffers, reused below
   if (tid < kRows) {
     float m = -INFINITY, l = 0.f;
 #pragma unroll
-    for (int w = 0; w < T::kWarps; ++w) m = fmaxf(m, wm_s[w * kRows + tid]);
+    for (int wi = 0; wi < T::kWarps; ++wi) m = fmaxf(m, wm_s[wi * kRows + tid]);
 #pragma unroll
-    for (int w = 0; w < T::kWarps; ++w) {
-      const float mw = wm_s[w * kRows + tid];
-      l += mw == -INFINITY ? 0.f : wl_s[w * kRows + tid] * exp2f(mw - m);
+    for (int wi = 0; wi < T::kWarps; ++wi) {
+      const float mw = wm_s[wi * kRows + tid];
+      l += mw == -INFINITY ? 0.f : wl_s[wi * kRows + tid] * exp2f(mw - m);
     }
     m_s[tid] = m;
     l_s[tid] = l;
   }
   __syncthreads();
-  float* merge = reinterpret_cast<float*>(smem);  // [warp][16][kHeadDim]
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int r = g + 8 * hr;
-    const float scale = m_run[hr] == -INFINITY ? 0.f : exp2f(m_run[hr] - m_s[r]);
+    const float scale = st.m_run[hr] == -INFINITY ? 0.f : exp2f(st.m_run[hr] - m_s[r]);
     float* dst = merge + (warp * kRows + r) * kHeadDim + 2 * t4;
 #pragma unroll
     for (int nt = 0; nt < kHeadDim / 8; ++nt) {
-      *reinterpret_cast<float2*>(dst + 8 * nt) = make_float2(acc[nt][2 * hr] * scale, acc[nt][2 * hr + 1] * scale);
+      *reinterpret_cast<float2*>(dst + 8 * nt) = make_float2(st.acc[nt][2 * hr] * scale, st.acc[nt][2 * hr + 1] * scale);
     }
   }
   __syncthreads();
+}
 
+// Writes the CTA's result: the output + lse (one split) or the fp32 partials of its split.
+template <int kHeadDim, typename Element>
+__device__ __forceinline__ void store_result(const DecodeArgs& a, const CtaWork& w, const float* stats,
+                                             const float* merge) {
+  using T = Traits<kHeadDim>;
+  constexpr int kRows = T::kRows;
+  const float* m_s = stats + 2 * T::kWarps * kRows;
+  const float* l_s = m_s + kRows;
   const bool final = a.num_splits == 1;
-  for (int idx = tid; idx < rows * a.head_dim; idx += T::kThreads) {
+  for (int idx = threadIdx.x; idx < w.rows * a.head_dim; idx += T::kThreads) {
     const int r = idx / a.head_dim, d = idx % a.head_dim;
     float o = 0.f;
 #pragma unroll
-    for (int w = 0; w < T::kWarps; ++w) o += merge[(w * kRows + r) * kHeadDim + d];
+    for (int wi = 0; wi < T::kWarps; ++wi) o += merge[(wi * kRows + r) * kHeadDim + d];
     const float l = l_s[r];
     o = l > 0.f ? o / l : 0.f;
-    const int i = (row0 + r) / group, h = hk * group + (row0 + r) % group;
-    const int64_t row_g = a.cu_seqlens_q ? s.q_start + i : int64_t(b) * a.seqlen_q + i;
+    const RowRef ref = row_ref(a, w, r);
     if (final) {
-      const int64_t at = a.cu_seqlens_q ? row_g * a.out_row : b * a.out_batch + i * a.out_row;
-      store_float(static_cast<Element*>(a.out) + at + h * a.out_head + d, o);
+      const int64_t at = a.cu_seqlens_q ? ref.row_g * a.out_row : w.b * a.out_batch + ref.i * a.out_row;
+      store_float(static_cast<Element*>(a.out) + at + ref.h * a.out_head + d, o);
     } else {
-      a.out_accum[((split * a.total_rows + row_g) * a.heads + h) * a.head_dim + d] = o;
+      a.out_accum[((w.split * a.total_rows + ref.row_g) * a.heads + ref.h) * a.head_dim + d] = o;
     }
   }
-  if (tid < rows) {
-    const int i = (row0 + tid) / group, h = hk * group + (row0 + tid) % group;
-    const int64_t row_g = a.cu_seqlens_q ? s.q_start + i : int64_t(b) * a.seqlen_q + i;
-    const float l = l_s[tid];
-    const float lse = l > 0.f ? m_s[tid] * kLn2 + logf(l) : (final ? INFINITY : -INFINITY);
+  if (threadIdx.x < w.rows) {
+    const RowRef ref = row_ref(a, w, threadIdx.x);
+    const float l = l_s[threadIdx.x];
+    const float lse = l > 0.f ? m_s[threadIdx.x] * kLn2 + logf(l) : (final ? INFINITY : -INFINITY);
     if (final) {
-      a.lse[a.cu_seqlens_q ? int64_t(h) * a.total_rows + row_g : (int64_t(b) * a.heads + h) * a.seqlen_q + i] = lse;
+      a.lse[a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
+                           : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i] = lse;
     } else {
-      a.lse_accum[(split * a.total_rows + row_g) * a.heads + h] = lse;
+      a.lse_accum[(w.split * a.total_rows + ref.row_g) * a.heads + ref.h] = lse;
     }
   }
 }
 
+// Split merge, run by the last CTA of the splits of (b, blockIdx.x) to arrive (an atomic counter orders
+// the arrivals; the partials are read back through L2 in split order, so the result is deterministic):
+//   lse = log(sum_s exp(lse_s)),  out = sum_s exp(lse_s - lse) out_s.
 template <int kHeadDim, typename Element>
-Status launch_decode(const DecodeArgs& a, cudaStream_t stream) {
+__device__ __forceinline__ void merge_splits(const DecodeArgs& a, const CtaWork& w, float* stats, float* weights) {
   using T = Traits<kHeadDim>;
-  auto kernel = decode_kernel<kHeadDim, Element>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  int* last = reinterpret_cast<int*>(stats + T::kStatFloats - 4);
+  __threadfence();  // this CTA's partials are visible device-wide before it counts itself in
+  __syncthreads();
+  if (threadIdx.x == 0) *last = atomicAdd(&a.counters[blockIdx.z * gridDim.x + blockIdx.x], 1) == a.num_splits - 1;
+  __syncthreads();
+  if (!*last) return;
+  __threadfence();
+
+  const int rows = w.rows, splits = a.num_splits;  // weights[s][r]
+  for (int e = threadIdx.x; e < splits * rows; e += T::kThreads) {
+    const RowRef ref = row_ref(a, w, e % rows);
+    weights[e] = __ldcg(a.lse_accum + (e / rows * a.total_rows + ref.row_g) * a.heads + ref.h);
+  }
+  __syncthreads();
+  if (threadIdx.x < rows) {
+    const int r = threadIdx.x;
+    float m = -INFINITY, sum = 0.f;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, weights[s * rows + r]);
+    for (int s = 0; s < splits; ++s) {
+      const float x = weights[s * rows + r];
+      const float e = x == -INFINITY ? 0.f : __expf(x - m);
+      weights[s * rows + r] = e;
+      sum += e;
+    }
+    for (int s = 0; s < splits; ++s) weights[s * rows + r] = m == -INFINITY ? 0.f : weights[s * rows + r] / sum;
+    const RowRef ref = row_ref(a, w, r);
+    a.lse[a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
+                         : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i] = m == -INFINITY ? INFINITY
+                                                                                                   : m + logf(sum);
+  }
+  __syncthreads();
+  const int quads = a.head_dim / 4;
+  const int64_t split_stride = a.total_rows * a.heads * a.head_dim;
+  for (int e = threadIdx.x; e < rows * quads; e += T::kThreads) {
+    const int r = e / quads, d = e % quads * 4;
+    const RowRef ref = row_ref(a, w, r);
+    const float* src = a.out_accum + (ref.row_g * a.heads + ref.h) * a.head_dim + d;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) {
+      const float wt = weights[s * rows + r];
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * split_stride));
+      o.x += wt * x.x, o.y += wt * x.y, o.z += wt * x.z, o.w += wt * x.w;
+    }
+    const int64_t at = a.cu_seqlens_q ? ref.row_g * a.out_row : w.b * a.out_batch + ref.i * a.out_row;
+    Element* dst = static_cast<Element*>(a.out) + at + ref.h * a.out_head + d;
+    store_float(dst, o.x), store_float(dst + 1, o.y), store_float(dst + 2, o.z), store_float(dst + 3, o.w);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The kernel and its launch
+// ----------------------------------------------------------------------------------------------------
+
+template <int kHeadDim, typename Element>
+__global__ void __launch_bounds__(Traits<kHeadDim>::kThreads) decode_kernel(const DecodeArgs a) {
+  using T = Traits<kHeadDim>;
+  extern __shared__ __align__(16) char smem[];
+  float* stats = reinterpret_cast<float*>(smem);
+  char* scratch = smem + T::kStatFloats * 4;  // K/V stages, then the warps' O, then the split weights
+  Element* q_s = reinterpret_cast<Element*>(scratch + T::kScratchBytes);
+
+  const CtaWork w = cta_work(a);
+  if (w.rows <= 0) return;  // the same for every CTA of (b, blockIdx.x): no merge is waiting on it
+  WarpState<kHeadDim> st;
+  attend<kHeadDim, Element>(a, w, q_s, reinterpret_cast<Element*>(scratch), st);
+  merge_warps<kHeadDim>(st, stats, reinterpret_cast<float*>(scratch));
+  store_result<kHeadDim, Element>(a, w, stats, reinterpret_cast<const float*>(scratch));
+  if (a.num_splits > 1) merge_splits<kHeadDim, Element>(a, w, stats, reinterpret_cast<float*>(scratch));
+}
+
+// Dynamic shared memory above 48 KB.
+template <int kHeadDim, typename Element>
+cudaError_t configure() {
+  return cudaFuncSetAttribute(decode_kernel<kHeadDim, Element>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              Traits<kHeadDim>::kSmemBytes);
+}
+
+template <int kHeadDim, typename Element>
+Status DecodeKernel<kHeadDim, Element>::run(const DecodeArgs& a, cudaStream_t stream) {
+  using T = Traits<kHeadDim>;
+  cudaError_t err = configure<kHeadDim, Element>();
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel setup: ") + cudaGetErrorString(err));
-  const dim3 grid(row_tiles(a) * a.heads_k, a.num_splits, a.batch);
-  kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
+  const dim3 grid(ctas_per_split(a), a.num_splits, a.batch);
+  decode_kernel<kHeadDim, Element><<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel launch: ") + cudaGetErrorString(err));
   return Status::Ok();
 }
 
+// Cached per process (the first device that asks; a launch-plan hint only, never a correctness input).
 template <int kHeadDim, typename Element>
-Status run_decode(const DecodeArgs& a, cudaStream_t stream) {
-  return launch_decode<kHeadDim, Element>(a, stream);
+int DecodeKernel<kHeadDim, Element>::ctas_per_sm() {
+  using T = Traits<kHeadDim>;
+  static std::atomic<int> known{0};
+  int n = known.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  if (configure<kHeadDim, Element>() != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<kHeadDim, Element>, T::kThreads,
+                                                    T::kSmemBytes) != cudaSuccess) {
+    cudaGetLastError();  // clear the error so that the next launch reports its own
+    return 0;
+  }
+  known.store(n, std::memory_order_relaxed);
+  return n;
 }
 
 }  // namespace flash_attention::cuda::decode

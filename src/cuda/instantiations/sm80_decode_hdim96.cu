@@ -3,7 +3,7 @@
 
 namespace flash_attention::cuda::decode {
 
-template Status run_decode<96, __half>(const DecodeArgs&, cudaStream_t);
-template Status run_decode<96, __nv_bfloat16>(const DecodeArgs&, cudaStream_t);
+template struct DecodeKernel<96, __half>;
+template struct DecodeKernel<96, __nv_bfloat16>;
 
 }  // namespace flash_attention::cuda::decode

@@ -29,6 +29,11 @@ struct FwdArgs {
   float softcap_pre = 0.f;  // > 0: scores become tanh(score * softcap_pre) before scale_log2
   int window_left = -1;     // -1 = unbounded; causal is window_right = 0
   int window_right = -1;
+  // FP8 only (null = 1): contiguous (batch, heads / heads_per_kv_head) factors; q * k folds into the
+  // score scale of a tile, v into its output scale.
+  const float* q_descale = nullptr;
+  const float* k_descale = nullptr;
+  const float* v_descale = nullptr;
 
   // Persistent tile schedule: tiles are (query block, head, batch), taken in sections of
   // heads_per_section (batch, head) pairs; within a section the last query blocks come first, heads

@@ -18,6 +18,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_conversion.h>
 
+#include "cuda/sm90/fwd_fp8.h"
 #include "cuda/sm90/fwd_traits.h"
 #include "cuda/sm90/softmax.h"
 
@@ -146,8 +147,8 @@ CUTE_DEVICE float* lse_row_ptr(const FwdArgs& a, const BlockInfo& bi, int h, int
 template <class Traits>
 CUTE_DEVICE void write_empty_tile(const FwdArgs& a, const BlockInfo& bi, int h, int b, int m_block,
                                   int tid, int threads) {
-  using Element = typename Traits::Element;
-  Element* out = out_tile_ptr<Element>(a, bi, h, b);
+  using ElementOut = typename Traits::ElementOut;
+  ElementOut* out = out_tile_ptr<ElementOut>(a, bi, h, b);
   float* lse = lse_row_ptr(a, bi, h, b);
   const int row0 = m_block * Traits::kBlockM;
   const int rows = min(Traits::kBlockM, bi.seqlen_q - row0);
@@ -193,13 +194,71 @@ CUTE_DEVICE void for_each_tile(const FwdArgs& a, Fn&& fn, Empty&& empty) {
   }
 }
 
+// The key blocks of V as TMA loads them: (N, D, blocks), or for FP8 the V^T tiles (D, N, blocks).
+template <class Traits, class TV>
+CUTE_DEVICE auto v_blocks(TV const& mV, int offset_k) {
+  if constexpr (Traits::kFp8) {
+    return local_tile(domain_offset(make_coord(_0{}, offset_k), mV), typename Traits::TileV{}, make_coord(_0{}, _));
+  } else {
+    return local_tile(domain_offset(make_coord(offset_k, _0{}), mV), typename Traits::TileV{}, make_coord(_, _0{}));
+  }
+}
+
+// FP8 descale of a tile: q_descale * k_descale scales the scores (inside the softcap when there is
+// one), v_descale the output.
+struct TileScales {
+  float scale_log2, softcap_pre, out = 1.f;
+
+  CUTE_DEVICE static TileScales make(const FwdArgs& a, const Tile& tile) {
+    TileScales t{a.scale_log2, a.softcap_pre};
+    const int hk = tile.h / a.heads_per_kv_head;
+    const int64_t i = int64_t(tile.b) * (a.num_heads / a.heads_per_kv_head) + hk;
+    const float qk = (a.q_descale ? a.q_descale[i] : 1.f) * (a.k_descale ? a.k_descale[i] : 1.f);
+    if (a.softcap_pre > 0.f) {
+      t.softcap_pre *= qk;
+    } else {
+      t.scale_log2 *= qk;
+    }
+    if (a.v_descale) t.out = a.v_descale[i];
+    return t;
+  }
+};
+
+// P in registers as the A operand of the P V wgmma, and the conversion from the S accumulator.
+template <class Traits, class TS>
+CUTE_DEVICE auto make_p_fragment(TS const& tSrS) {
+  if constexpr (Traits::kFp8) {
+    return make_fp8_p_fragment<Traits::kBlockN>();
+  } else {
+    return make_tensor_like<typename Traits::Element>(tSrS);
+  }
+}
+
+template <class Traits, class TP>
+CUTE_DEVICE auto p_as_operand_a(TP& tOrP) {
+  if constexpr (Traits::kFp8) {
+    return make_tensor(tOrP.data(), tOrP.layout());
+  } else {
+    return make_tensor(tOrP.data(), acc_as_operand_a(tOrP.layout()));
+  }
+}
+
+template <class Traits, class TS, class TP>
+CUTE_DEVICE void convert_p(TS const& tSrS, TP& tOrP) {
+  if constexpr (Traits::kFp8) {
+    convert_p_fp8(tSrS, tOrP);
+  } else {
+    convert_to<typename Traits::Element>(tSrS, tOrP);
+  }
+}
+
 template <class Traits>
 CUTE_DEVICE void producer(typename Traits::Params const& p, typename Traits::SharedStorage& ss,
                           typename Traits::Pipeline& pipe_k, typename Traits::Pipeline& pipe_v) {
   using TileQK = typename Traits::TileQK;
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVLoad{});
   auto state_k = cutlass::make_producer_start_state<typename Traits::Pipeline>();
   auto state_v = state_k;
   int q_empty_phase = 0;
@@ -210,13 +269,12 @@ CUTE_DEVICE void producer(typename Traits::Params const& p, typename Traits::Sha
     const int bq = p.args.is_varlen() ? 0 : tile.b;
     Tensor mQ = p.tma_q.get_tma_tensor(p.shape_q)(_, _, tile.h, bq);
     Tensor mK = p.tma_k.get_tma_tensor(p.shape_k)(_, _, hk, bq);
-    Tensor mV = p.tma_v.get_tma_tensor(p.shape_k)(_, _, hk, bq);
+    Tensor mV = p.tma_v.get_tma_tensor(p.shape_v)(_, _, hk, bq);
     Tensor gQ = local_tile(domain_offset(make_coord(bi.offset_q, _0{}), mQ), select<0, 2>(TileQK{}),
                            make_coord(tile.m_block, _0{}));                  // (M, D)
     Tensor gK = local_tile(domain_offset(make_coord(bi.offset_k, _0{}), mK), select<1, 2>(TileQK{}),
                            make_coord(_, _0{}));                             // (N, D, blocks)
-    Tensor gV = local_tile(domain_offset(make_coord(bi.offset_k, _0{}), mV), select<1, 2>(TileQK{}),
-                           make_coord(_, _0{}));
+    Tensor gV = v_blocks<Traits>(mV, bi.offset_k);                      // (N, D, blocks); FP8 (D, N, blocks)
     auto tq = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto tk = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto tv = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
@@ -267,7 +325,7 @@ template <class Traits>
 CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits::SharedStorage& ss,
                               typename Traits::Pipeline& pipe_k, typename Traits::Pipeline& pipe_v,
                               ConsumerState<Traits>& cs, const Tile& tile, const BlockInfo& bi) {
-  using Element = typename Traits::Element;
+  using ElementOut = typename Traits::ElementOut;
   using TileQK = typename Traits::TileQK;
   using TilePV = typename Traits::TilePV;
   using Turns = TurnTaking<Traits::kConsumerWGs>;
@@ -294,15 +352,17 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   clear(tOrO);
 
   constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
-  OnlineSoftmax<kRows> softmax(a.scale_log2);
+  TileScales scales{a.scale_log2, a.softcap_pre};
+  if constexpr (Traits::kFp8) scales = TileScales::make(a, tile);
+  OnlineSoftmax<kRows, (Traits::kHeadDim <= 64)> softmax(scales.scale_log2);  // see OnlineSoftmax
   float factor[kRows];
   const int row0 = m_block * Traits::kBlockM;
 
   // Turns the finished S = Q K^T of key block n into probabilities: softcap, mask, online softmax.
   auto scores = [&](auto& tSrS, int n) {
-    if (a.softcap_pre > 0.f) {
+    if (scales.softcap_pre > 0.f) {
       CUTE_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) tSrS(i) = tanh_approx(tSrS(i) * a.softcap_pre);
+      for (int i = 0; i < size(tSrS); ++i) tSrS(i) = tanh_approx(tSrS(i) * scales.softcap_pre);
     }
     Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
     if (bi.needs_mask<Traits::kBlockM, Traits::kBlockN>(a, m_block, n)) {
@@ -320,8 +380,8 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
 
   // First key block: S only.
   Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
-  Tensor tOrP = make_tensor_like<Element>(tSrS);
-  Tensor tOrP_a = make_tensor(tOrP.data(), acc_as_operand_a(tOrP.layout()));
+  Tensor tOrP = make_p_fragment<Traits>(tSrS);
+  Tensor tOrP_a = p_as_operand_a<Traits>(tOrP);
   pipe_k.consumer_wait(cs.read_k);
   Turns::wait(wg);
   wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, cs.read_k.index()), tSrS);
@@ -331,7 +391,7 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   ++cs.read_k;
   release_q_if_last(bi.n_end - 1);
   scores(tSrS, bi.n_end - 1);
-  convert_to<Element>(tSrS, tOrP);
+  convert_p<Traits>(tSrS, tOrP);
 
   // Steady state: S for block n while P V of block n + 1 runs.
   for (int n = bi.n_end - 2; n >= bi.n_begin; --n) {
@@ -353,7 +413,7 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
     pipe_v.consumer_release(cs.read_v);
     ++cs.read_v;
     scale_rows(tOrO_rc, factor);
-    convert_to<Element>(tSrS_n, tOrP);
+    convert_p<Traits>(tSrS_n, tOrP);
   }
 
   // Last P V.
@@ -371,13 +431,17 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   // O / rowsum as pairs of fp16/bf16, LSE from the quad leader.
   float inv_sum[kRows], lse[kRows];
   softmax.finalize(inv_sum, lse);
+  if constexpr (Traits::kFp8) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) inv_sum[r] *= scales.out;
+  }
   scale_rows(tOrO_rc, inv_sum);
-  Tensor tOrO_e = make_tensor_like<Element>(tOrO);
-  convert_to<Element>(tOrO, tOrO_e);
+  Tensor tOrO_e = make_tensor_like<ElementOut>(tOrO);
+  convert_to<ElementOut>(tOrO, tOrO_e);
   Tensor out_rc = make_tensor(tOrO_e.data(), acc_rowcol(tOrO_e.layout()));
   Tensor tOcO = thr_pv.partition_C(make_identity_tensor(select<0, 1>(TilePV{})));
   Tensor ocoord = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
-  Element* out = out_tile_ptr<Element>(a, bi, tile.h, tile.b);
+  ElementOut* out = out_tile_ptr<ElementOut>(a, bi, tile.h, tile.b);
   float* lse_out = lse_row_ptr(a, bi, tile.h, tile.b);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
@@ -388,10 +452,10 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
     for (int c = 0; c < size<1>(out_rc); c += 2) {
       const int col = get<1>(ocoord(r, c));  // even; (c, c + 1) are adjacent columns
       if (col < a.head_dim) {
-        cutlass::Array<Element, 2> pair;
+        cutlass::Array<ElementOut, 2> pair;
         pair[0] = out_rc(r, c);
         pair[1] = out_rc(r, c + 1);
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(out + int64_t(i) * a.out_row + col) = pair;
+        *reinterpret_cast<cutlass::Array<ElementOut, 2>*>(out + int64_t(i) * a.out_row + col) = pair;
       }
     }
   }

@@ -52,32 +52,45 @@ inline FwdArgs make_fwd_args(const ForwardParams& p) {
   }
   a.window_left = p.window_left;
   a.window_right = p.window_right;
+  a.q_descale = p.q_descale;
+  a.k_descale = p.k_descale;
+  a.v_descale = p.v_descale;
   a.batch = p.batch;
   return a;
 }
 
 // Fills the persistent schedule of `a` for tiles of block_m rows; returns the grid size (0: no work).
 inline Status schedule(const ForwardParams& p, int block_m, FwdArgs& a, int* grid) {
-  int device = 0, sms = 0, l2_bytes = 0;
+  int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device);
   if (err != cudaSuccess) return Status::CudaError(std::string("sm90: device query: ") + cudaGetErrorString(err));
   const int64_t head_pairs = int64_t(p.num_heads) * p.batch;
   const int64_t tiles = int64_t((p.seqlen_q + block_m - 1) / block_m) * head_pairs;
   if (tiles > INT32_MAX) return Status::NotSupported("sm90: more than 2^31 tiles");
   a.m_blocks = (p.seqlen_q + block_m - 1) / block_m;
   a.num_tiles = int(tiles);
-  const int64_t kv_bytes = std::max<int64_t>(1, int64_t(p.seqlen_k) * p.head_dim * 2 * 2);  // K + V, 16-bit
+  // Dense: one (batch, head) per section, so the query blocks sharing a head's K/V run together.
+  // Causal / local: tile costs fall with the query block, so a round of `grid` tiles must span few
+  // query-block levels for the snake order to balance it: every (batch, head) in one section, query
+  // blocks heaviest first, heads fastest. The K/V working set stays small even so: the tiles of a
+  // round start at neighbouring diagonals and walk the keys downwards together (a wavefront).
   const bool local = p.window_left >= 0 || p.window_right >= 0;
-  a.heads_per_section =
-      local ? int(std::clamp<int64_t>(l2_bytes / 2 / kv_bytes, 1, std::max<int64_t>(head_pairs, 1))) : 1;
+  a.heads_per_section = local ? int(std::clamp<int64_t>(head_pairs, 1, INT32_MAX)) : 1;
   *grid = int(std::min<int64_t>(tiles, sms));
   return Status::Ok();
 }
 
+// V as TMA reads it, with its shape: V itself (16-bit types), or for FP8 the V^T copy at `vt`
+// (see fwd_fp8.h), a (head_dim, keys, heads_k, batch) tensor with unit key stride.
 template <class Traits>
-Status launch_fwd(const ForwardParams& p) {
+struct VSource {
+  typename Traits::GmemTensor tensor;
+  typename Traits::GmemShape shape;
+};
+
+template <class Traits>
+Status launch_kernel(const ForwardParams& p, const VSource<Traits>& v) {
   using Params = typename Traits::Params;
   const bool varlen = p.is_varlen();
   const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
@@ -89,10 +102,11 @@ Status launch_fwd(const ForwardParams& p) {
                     typename Traits::SmemLayoutQ{}, select<0, 2>(typename Traits::TileQK{}), _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Traits>(p.k, p.k_strides, rows_k, p.head_dim, p.num_heads_k, batch),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), select<1, 2>(typename Traits::TileQK{}), _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Traits>(p.v, p.v_strides, rows_k, p.head_dim, p.num_heads_k, batch),
-                    take<0, 2>(typename Traits::SmemLayoutKV{}), select<1, 2>(typename Traits::TileQK{}), _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, v.tensor, take<0, 2>(typename Traits::SmemLayoutVLoad{}),
+                    typename Traits::TileV{}, _1{}),
       make_shape(int32_t(std::max<int64_t>(rows_q, 1)), int32_t(p.head_dim), int32_t(p.num_heads), int32_t(batch)),
       make_shape(int32_t(std::max<int64_t>(rows_k, 1)), int32_t(p.head_dim), int32_t(p.num_heads_k), int32_t(batch)),
+      v.shape,
       make_fwd_args(p)};
 
   int grid = 0;
@@ -110,19 +124,54 @@ Status launch_fwd(const ForwardParams& p) {
   return Status::Ok();
 }
 
-constexpr FwdTilePair tiles_for(int head_dim) {
-  for (const FwdTilePair& t : kFwdTiles) {
+// FP8: V^T into a stream-ordered workspace, then the kernel. Dense (non-varlen) calls only.
+template <class Traits>
+Status launch_fwd_fp8(const ForwardParams& p) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  void* vt = nullptr;
+  cudaError_t err = cudaMallocAsync(&vt, fp8_vt_bytes(p), stream);
+  if (err != cudaSuccess) return Status::CudaError(std::string("sm90 fp8: allocating V^T: ") + cudaGetErrorString(err));
+  const int64_t keys = fp8_vt_keys(p.seqlen_k);
+  auto shape = make_shape(int32_t(p.head_dim), int32_t(keys), int32_t(p.num_heads_k), int32_t(p.batch));
+  auto stride = make_stride(keys, _1{}, int64_t(p.head_dim) * keys, int64_t(p.num_heads_k) * p.head_dim * keys);
+  const VSource<Traits> v{make_tensor(make_gmem_ptr(static_cast<typename Traits::Element const*>(vt)), shape, stride),
+                          shape};
+  Status st = transpose_v_fp8(p, vt);
+  if (st.ok()) st = launch_kernel<Traits>(p, v);
+  err = cudaFreeAsync(vt, stream);
+  if (st.ok() && err != cudaSuccess) st = Status::CudaError(std::string("sm90 fp8: freeing V^T: ") + cudaGetErrorString(err));
+  return st;
+}
+
+template <class Traits>
+Status launch_fwd(const ForwardParams& p) {
+  if constexpr (Traits::kFp8) {
+    return launch_fwd_fp8<Traits>(p);
+  } else {
+    const bool varlen = p.is_varlen();
+    const int64_t rows_k = varlen ? p.total_k : p.seqlen_k;
+    const int batch = varlen ? 1 : p.batch;
+    const VSource<Traits> v{gmem_view<Traits>(p.v, p.v_strides, rows_k, p.head_dim, p.num_heads_k, batch),
+                            make_shape(int32_t(std::max<int64_t>(rows_k, 1)), int32_t(p.head_dim),
+                                       int32_t(p.num_heads_k), int32_t(batch))};
+    return launch_kernel<Traits>(p, v);
+  }
+}
+
+constexpr FwdTilePair tiles_for(int head_dim, bool fp8) {
+  for (const FwdTilePair& t : fwd_tile_table(fp8)) {
     if (t.head_dim_matches(head_dim)) return t;
   }
-  return kFwdTiles[0];
+  return *fwd_tile_table(fp8).begin();
 }
 
 // Launches the kernel built for `tile` (one of the two tiles of kHeadDim in kFwdTiles).
 template <int kHeadDim, class Element>
 Status launch_fwd_tile(const ForwardParams& p, const FwdTile& tile) {
-  constexpr FwdTile kDense = tiles_for(kHeadDim).dense;
-  constexpr FwdTile kLocal = tiles_for(kHeadDim).local;
-  static_assert(kDense.head_dim == kHeadDim, "no tile for this head dim in kFwdTiles");
+  constexpr bool kFp8 = sizeof(Element) == 1;
+  constexpr FwdTile kDense = tiles_for(kHeadDim, kFp8).dense;
+  constexpr FwdTile kLocal = tiles_for(kHeadDim, kFp8).local;
+  static_assert(kDense.head_dim == kHeadDim, "no tile for this head dim in kFwdTiles / kFwdTilesFp8");
   if (tile == kDense) {
     return launch_fwd<FwdTraits<kHeadDim, kDense.block_m, kDense.block_n, kDense.stages, Element>>(p);
   }

@@ -6,6 +6,8 @@
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #endif
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_atom.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
@@ -26,6 +28,18 @@ constexpr auto smem_atom_k_major() {
   if constexpr (kBytes % 128 == 0) return GMMA::Layout_K_SW128_Atom<Element>{};
   else if constexpr (kBytes % 64 == 0) return GMMA::Layout_K_SW64_Atom<Element>{};
   else return GMMA::Layout_K_SW32_Atom<Element>{};
+}
+
+// V as the (D, N, stages) B operand of O = P V. 16-bit: the bytes of the (N, D, stages) K/V layout,
+// modes swapped (MN-major). FP8: its own K-major buffer, loaded by TMA from V^T (see fwd_fp8.h).
+template <class Element, int kHeadDim, int kBlockN, int kStages, class SmemLayoutKV>
+constexpr auto smem_layout_vt(SmemLayoutKV kv) {
+  using Shape3 = Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>;
+  if constexpr (sizeof(Element) == 1) {
+    return tile_to_shape(smem_atom_k_major<Element, kBlockN>(), Shape3{});
+  } else {
+    return composition(kv, make_ordered_layout(Shape3{}, Step<_2, _1, _3>{}));
+  }
 }
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
@@ -50,9 +64,15 @@ struct FwdTraits {
 
   using MmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, TileQK>(), WGLayout{}));
+  // FP8 (e4m3): wgmma takes both operands K-major, so V arrives transposed (V^T, keys contiguous; see
+  // fwd_fp8.h) and the output is bf16. 16-bit types read V as an MN-major B operand.
+  static constexpr bool kFp8 = sizeof(Element) == 1;
+  using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element>;
+  static_assert(!kFp8 || kBlockN % 32 == 0, "e4m3 P V wgmma needs block_n % 32 == 0");
+  static constexpr GMMA::Major kMajorV = kFp8 ? GMMA::Major::K : GMMA::Major::MN;
+
   using MmaPV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, GMMA::Major::MN>(),
-      WGLayout{}));
+      GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, kMajorV>(), WGLayout{}));
 
   using SmemLayoutQ = decltype(tile_to_shape(
       smem_atom_k_major<Element, kHeadDim>(),
@@ -60,10 +80,9 @@ struct FwdTraits {
   using SmemLayoutKV = decltype(tile_to_shape(
       smem_atom_k_major<Element, kHeadDim>(),
       Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  // V seen as the (D, N) B operand of O = P V: the same bytes, modes swapped (MN-major).
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutKV{},
-      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutVt = decltype(smem_layout_vt<Element, kHeadDim, kBlockN, kStages>(SmemLayoutKV{}));
+  using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVt, SmemLayoutKV>;  // what TMA writes
+  using TileV = std::conditional_t<kFp8, Shape<Int<kHeadDim>, Int<kBlockN>>, Shape<Int<kBlockN>, Int<kHeadDim>>>;
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
@@ -71,7 +90,7 @@ struct FwdTraits {
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;  // also stages O in the epilogue
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
-    cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
+    cute::array_aligned<Element, cosize_v<SmemLayoutVLoad>, 1024> v;
     typename Pipeline::SharedStorage pipe_k;
     typename Pipeline::SharedStorage pipe_v;
     alignas(8) uint64_t q_full;   // Q tile landed (TMA transaction barrier)
@@ -92,13 +111,16 @@ struct FwdTraits {
                                       select<0, 2>(TileQK{}), _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
                                        select<1, 2>(TileQK{}), _1{}));
+  // V: as K for 16-bit types; FP8 reads V^T as (head_dim, keys, heads, batch) tiles of TileV.
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutVLoad{}), TileV{}, _1{}));
 
   struct Params {
     TmaQ tma_q;
     TmaKV tma_k;
-    TmaKV tma_v;
+    TmaV tma_v;
     GmemShape shape_q;
     GmemShape shape_k;
+    GmemShape shape_v;
     FwdArgs args;
   };
 };

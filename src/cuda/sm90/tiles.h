@@ -33,6 +33,26 @@ constexpr FwdTilePair kFwdTiles[] = {
     {{256, 128, 80, 2}, {256, 128, 80, 2}},
 };
 
+// FP8 (e4m3) tiles, head dims 64 / 128 / 256 (others pad up). N is the K dim of the e4m3 P V wgmma
+// (a multiple of 32) and the row length, in bytes, of V^T in shared memory.
+constexpr FwdTilePair kFwdTilesFp8[] = {
+    {{64, 128, 192, 2}, {64, 128, 128, 2}},
+    {{128, 128, 192, 2}, {128, 128, 128, 2}},
+    {{256, 128, 128, 2}, {256, 128, 128, 2}},
+};
+
+// The tile table of a dtype: FP8 has its own.
+struct FwdTileTable {
+  const FwdTilePair* begin_;
+  const FwdTilePair* end_;
+  constexpr const FwdTilePair* begin() const { return begin_; }
+  constexpr const FwdTilePair* end() const { return end_; }
+};
+constexpr FwdTileTable fwd_tile_table(bool fp8) {
+  return fp8 ? FwdTileTable{kFwdTilesFp8, kFwdTilesFp8 + sizeof(kFwdTilesFp8) / sizeof(kFwdTilesFp8[0])}
+             : FwdTileTable{kFwdTiles, kFwdTiles + sizeof(kFwdTiles) / sizeof(kFwdTiles[0])};
+}
+
 // Warps of a CTA: one producer warpgroup plus one consumer warpgroup per 64 query rows.
 constexpr int fwd_num_warps(const FwdTile& t) { return 4 * (1 + t.block_m / 64); }
 

@@ -1,0 +1,420 @@
+// The sm90 backward: three kernels per call.
+//
+//   bwd_prep_kernel   per query row: dsum = rowsum(dO * O) and lse_log2 = lse * log2(e), into
+//                     workspace rows padded to whole query blocks (padding: dsum 0, lse +inf).
+//   bwd_main_kernel   one CTA per (key block, kv head, batch); warp-specialised:
+//     warpgroup 0       producer: one thread loads K, V once (TMA), then for every query head of the
+//                       GQA group and every query block that sees these keys: Q + lse_log2 and
+//                       dO + dsum into `kStages`-deep shared-memory rings (TMA + bulk copies).
+//     warpgroups 1, 2   consumers, 64 keys each. Per query block:
+//                         S^T = K Q^T, dP^T = V dO^T        (wgmma SS, issued back to back)
+//                         P^T = exp2(S^T * scale_log2 - lse_log2), masked
+//                         dV += P^T dO                      (wgmma RS, overlaps the dS arithmetic)
+//                         dS^T = P^T * (dP^T - dsum)
+//                         dK += dS^T Q                      (wgmma RS, overlaps the dS^T store)
+//                         dQ = dS K over all 128 keys       (wgmma SS after both warpgroups stored dS)
+//                       dQ (fp32) is staged in shared memory in register order and added to the
+//                       workspace with one bulk reduce-add per warpgroup (no per-element atomics).
+//                       dK, dV stay in registers for the whole CTA and are stored once at the end.
+//   bwd_dq_kernel     dQ = softmax_scale * workspace, back to (row, col) order and fp16/bf16.
+//
+// Padding rows of a query block carry lse = +inf (P = 0) and zero-filled Q / dO (TMA), so only keys
+// (ragged tail, causal / window edges) need masking, and only in blocks that straddle an edge.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "cuda/sm90/bwd_traits.h"
+#include "cuda/sm90/fwd_kernel.h"  // named barriers, wgmma_gemm, convert_to
+#include "cuda/sm90/softmax.h"     // acc_rowcol, acc_as_operand_a
+
+namespace flash_attention::sm90 {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels: kHeadDim / 8 threads per row, 8 elements (16 bytes) each.
+// ---------------------------------------------------------------------------------------------
+constexpr int kBwdRowThreads = 256;
+
+template <int kHeadDim>
+constexpr int bwd_rows_per_cta() {
+  return kBwdRowThreads / (kHeadDim / 8);
+}
+
+template <int kHeadDim, int kBlockM, class Element>
+__global__ void __launch_bounds__(kBwdRowThreads) bwd_prep_kernel(const __grid_constant__ BwdArgs a) {
+  constexpr int kLanes = kHeadDim / 8;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int i = blockIdx.x * bwd_rows_per_cta<kHeadDim>() + threadIdx.x / kLanes;
+  const int c = (threadIdx.x % kLanes) * 8;
+  float sum = 0.f;
+  if (i < a.seqlen_q && c < a.head_dim) {
+    const auto* o = static_cast<const Element*>(a.out) + b * a.out_batch + i * a.out_row + h * a.out_head + c;
+    const auto* d = static_cast<const Element*>(a.dout) + b * a.dout_batch + i * a.dout_row + h * a.dout_head + c;
+    alignas(16) Element ov[8], dv[8];
+    *reinterpret_cast<uint4*>(ov) = *reinterpret_cast<const uint4*>(o);
+    *reinterpret_cast<uint4*>(dv) = *reinterpret_cast<const uint4*>(d);
+    CUTE_UNROLL
+    for (int e = 0; e < 8; ++e) sum += float(ov[e]) * float(dv[e]);
+  }
+  CUTE_UNROLL
+  for (int lanes = kLanes / 2; lanes > 0; lanes /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, lanes);
+  const int rows = a.m_blocks * kBlockM;
+  if (i < rows && threadIdx.x % kLanes == 0) {
+    const int64_t bh = int64_t(b) * a.num_heads + h;
+    const bool real = i < a.seqlen_q;
+    a.dsum[bh * rows + i] = real ? sum : 0.f;
+    a.lse_log2[bh * rows + i] = real ? a.lse[bh * a.seqlen_q + i] * kLog2e : INFINITY;
+  }
+}
+
+// Offset of the 4 floats (values 4j .. 4j + 3) of consumer thread t's dQ fragment inside one
+// dq_accum tile: each warpgroup owns a contiguous half, and its threads' float4s interleave so that
+// the shared-memory staging stores are conflict-free.
+template <class Traits>
+CUTE_HOST_DEVICE constexpr int dq_chunk_offset(int t, int j) {
+  return (t / 128) * (Traits::kDqElems / 2) + (j * 128 + t % 128) * 4;
+}
+
+CUTE_DEVICE int64_t dq_tile_offset(const BwdArgs& a, int b, int h, int m, int tile_elems) {
+  return ((int64_t(b) * a.num_heads + h) * a.m_blocks + m) * tile_elems;
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kConsumerThreads) bwd_dq_kernel(const __grid_constant__ BwdArgs a) {
+  using Element = typename Traits::Element;
+  const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z, t = threadIdx.x;
+  typename Traits::MmaDQ mma;
+  Tensor coord = mma.get_thread_slice(t).partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileDQ{})));
+  const float* acc = a.dq_accum + dq_tile_offset(a, b, h, m, Traits::kDqElems);
+  Element* dq = static_cast<Element*>(a.dq) + b * a.dq_batch + h * a.dq_head;
+  CUTE_UNROLL
+  for (int j = 0; j < size(coord) / 4; ++j) {
+    const float4 x = *reinterpret_cast<const float4*>(acc + dq_chunk_offset<Traits>(t, j));
+    const float vals[4] = {x.x, x.y, x.z, x.w};
+    CUTE_UNROLL
+    for (int e = 0; e < 4; e += 2) {  // values (v, v + 1) are adjacent columns
+      const int row = m * Traits::kBlockM + get<0>(coord(4 * j + e));
+      const int col = get<1>(coord(4 * j + e));
+      if (row < a.seqlen_q && col < a.head_dim) {
+        cutlass::Array<Element, 2> pair;
+        pair[0] = Element(vals[e] * a.scale);
+        pair[1] = Element(vals[e + 1] * a.scale);
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(dq + int64_t(row) * a.dq_row + col) = pair;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main kernel
+// ---------------------------------------------------------------------------------------------
+
+// The query blocks a key block meets, and where masking is needed. Query row i may see key j iff
+// j < seqlen_k, j <= i + diag + window_right and j >= i + diag - window_left (diag = Sk - Sq).
+struct BwdBlock {
+  int n0 = 0, m_begin = 0, m_end = 0, diag = 0;
+
+  template <int kBlockM, int kBlockN>
+  CUTE_DEVICE static BwdBlock make(const BwdArgs& a, int n_block) {
+    BwdBlock blk;
+    blk.n0 = n_block * kBlockN;
+    blk.diag = a.seqlen_k - a.seqlen_q;
+    blk.m_end = a.m_blocks;
+    if (a.window_right >= 0) {  // the first row that sees key n0
+      blk.m_begin = max(0, blk.n0 - blk.diag - a.window_right) / kBlockM;
+    }
+    if (a.window_left >= 0) {  // the last row that sees the last key of the block
+      const int last_row = min(blk.n0 + kBlockN, a.seqlen_k) - 1 - blk.diag + a.window_left;
+      blk.m_end = last_row < 0 ? 0 : min(a.m_blocks, last_row / kBlockM + 1);
+    }
+    return blk;
+  }
+
+  // Does the (query block at m0, this key block) tile hold a pair the mask hides?
+  template <int kBlockM, int kBlockN>
+  CUTE_DEVICE bool needs_mask(const BwdArgs& a, int m0) const {
+    return n0 + kBlockN > a.seqlen_k ||
+           (a.window_right >= 0 && n0 + kBlockN - 1 > m0 + diag + a.window_right) ||
+           (a.window_left >= 0 && n0 < m0 + kBlockM - 1 + diag - a.window_left);
+  }
+
+  CUTE_DEVICE bool visible(const BwdArgs& a, int j, int i) const {
+    return j < a.seqlen_k && (a.window_right < 0 || j <= i + diag + a.window_right) &&
+           (a.window_left < 0 || j >= i + diag - a.window_left);
+  }
+};
+
+// P^T = exp2(S^T * scale_log2 - lse_log2[query]) in place (rows: keys, cols: queries); pairs the
+// mask hides get 0. `coord` holds (key, query) within the tile.
+template <bool kMask, class TS, class TC>
+CUTE_DEVICE void scores_to_probs(TS& s, TC const& coord, const float* lse, const BwdArgs& a, const BwdBlock& blk,
+                                 int m0) {
+  CUTE_UNROLL
+  for (int c = 0; c < size<1>(s); ++c) {
+    const int qi = get<1>(coord(0, c));
+    const float l = lse[qi];
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(s); ++r) {
+      float p = exp2f(s(r, c) * a.scale_log2 - l);
+      if (kMask && !blk.visible(a, blk.n0 + get<0>(coord(r, c)), m0 + qi)) p = 0.f;
+      s(r, c) = p;
+    }
+  }
+}
+
+// dP^T becomes dS^T = P^T * (dP^T - dsum[query]) in place.
+template <class TP, class TD, class TC>
+CUTE_DEVICE void probs_to_dscores(TP const& p, TD& dp, TC const& coord, const float* dsum) {
+  CUTE_UNROLL
+  for (int c = 0; c < size<1>(dp); ++c) {
+    const float d = dsum[get<1>(coord(0, c))];
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(dp); ++r) dp(r, c) = p(r, c) * (dp(r, c) - d);
+  }
+}
+
+CUTE_DEVICE void bulk_reduce_add(float* gmem, const float* smem, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gmem),
+               "r"(cute::cast_smem_ptr_to_uint(smem)), "r"(bytes)
+               : "memory");
+}
+
+CUTE_DEVICE void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// Named barriers of the consumers (0 is __syncthreads): both warpgroups stored dS; one warpgroup
+// staged its dQ.
+constexpr int kBarDsStored = 1;
+constexpr int kBarDqStaged = 2;  // + warpgroup
+
+template <class Traits>
+CUTE_DEVICE void bwd_producer(typename Traits::Params const& p, typename Traits::SharedStorage& ss,
+                              typename Traits::Pipeline& pipe_q, typename Traits::Pipeline& pipe_do,
+                              const BwdBlock& blk) {
+  using T = Traits;
+  const BwdArgs& a = p.args;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename T::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename T::SmemLayoutK{});
+  const auto tile_k = Shape<Int<T::kBlockN>, Int<T::kHeadDim>>{};
+  const auto tile_q = Shape<Int<T::kBlockM>, Int<T::kHeadDim>>{};
+
+  Tensor gK = local_tile(p.tma_k.get_tma_tensor(p.shape_k)(_, _, hk, b), tile_k, make_coord(n_block, _0{}));
+  Tensor gV = local_tile(p.tma_v.get_tma_tensor(p.shape_k)(_, _, hk, b), tile_k, make_coord(n_block, _0{}));
+  auto tk = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+  auto tv = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full, T::kTmaBytesKV);
+  copy(p.tma_k.with(ss.kv_full, 0), get<0>(tk), get<1>(tk));
+  copy(p.tma_v.with(ss.kv_full, 0), get<0>(tv), get<1>(tv));
+
+  auto state_q = cutlass::make_producer_start_state<typename T::Pipeline>();
+  auto state_do = state_q;
+  const int rows = a.m_blocks * T::kBlockM;
+  for (int g = 0; g < a.heads_per_kv_head; ++g) {
+    const int h = hk * a.heads_per_kv_head + g;
+    Tensor gQ = local_tile(p.tma_q.get_tma_tensor(p.shape_q)(_, _, h, b), tile_q, make_coord(_, _0{}));
+    Tensor gdO = local_tile(p.tma_do.get_tma_tensor(p.shape_q)(_, _, h, b), tile_q, make_coord(_, _0{}));
+    auto tq = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto tdo = tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+    const int64_t row0 = (int64_t(b) * a.num_heads + h) * rows;
+    for (int m = blk.m_begin; m < blk.m_end; ++m) {
+      pipe_q.producer_acquire(state_q);
+      uint64_t* bar = pipe_q.producer_get_barrier(state_q);
+      copy(p.tma_q.with(*bar, 0), get<0>(tq)(_, m), get<1>(tq)(_, state_q.index()));
+      SM90_BULK_COPY_G2S::copy(a.lse_log2 + row0 + m * T::kBlockM, bar,
+                               ss.lse.data() + state_q.index() * T::kBlockM, T::kBlockM * sizeof(float));
+      ++state_q;
+      pipe_do.producer_acquire(state_do);
+      bar = pipe_do.producer_get_barrier(state_do);
+      copy(p.tma_do.with(*bar, 0), get<0>(tdo)(_, m), get<1>(tdo)(_, state_do.index()));
+      SM90_BULK_COPY_G2S::copy(a.dsum + row0 + m * T::kBlockM, bar,
+                               ss.dsum.data() + state_do.index() * T::kBlockM, T::kBlockM * sizeof(float));
+      ++state_do;
+    }
+  }
+}
+
+// Stores one warpgroup's rows of a dK / dV accumulator (scaled) as fp16/bf16 pairs, bounds-checked.
+template <class Traits, class Acc, class ThrMma, class Element = typename Traits::Element>
+CUTE_DEVICE void store_dkv(Acc const& acc, ThrMma const& thr, float scale, Element* base, int64_t row_stride,
+                           const BwdArgs& a, int n0) {
+  Tensor out = make_tensor_like<Element>(acc);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) out(i) = Element(acc(i) * scale);
+  Tensor out_rc = make_tensor(out.data(), acc_rowcol(out.layout()));
+  Tensor tc = thr.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileDKV{})));
+  Tensor coord = make_tensor(tc.data(), acc_rowcol(tc.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(out_rc); ++r) {
+    const int j = n0 + get<0>(coord(r, 0));
+    if (j >= a.seqlen_k) continue;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(out_rc); c += 2) {
+      const int col = get<1>(coord(r, c));
+      if (col < a.head_dim) {
+        cutlass::Array<Element, 2> pair;
+        pair[0] = out_rc(r, c);
+        pair[1] = out_rc(r, c + 1);
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(base + int64_t(j) * row_stride + col) = pair;
+      }
+    }
+  }
+}
+
+template <class Traits>
+CUTE_DEVICE void bwd_consumer(typename Traits::Params const& p, typename Traits::SharedStorage& ss,
+                              typename Traits::Pipeline& pipe_q, typename Traits::Pipeline& pipe_do,
+                              const BwdBlock& blk) {
+  using T = Traits;
+  using Element = typename T::Element;
+  const BwdArgs& a = p.args;
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int tidx = threadIdx.x - 128;
+  const int wg = tidx / 128;
+  const bool wg_leader = tidx % 128 == 0;
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQt{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename T::SmemLayoutQ{});
+  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename T::SmemLayoutQt{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutKt{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename T::SmemLayoutK{});
+  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename T::SmemLayoutDS{});
+  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename T::SmemLayoutDSt{});
+
+  typename T::MmaSdP mma_sdp;
+  typename T::MmaDKV mma_dkv;
+  typename T::MmaDQ mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+  auto thr_dkv = mma_dkv.get_thread_slice(tidx);
+  auto thr_dq = mma_dq.get_thread_slice(tidx);
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // (MMA, MMA_M, MMA_K) descriptors
+  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_K, stages)
+  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
+  Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N = D, MMA_K = queries, stages)
+  Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);    // (MMA, MMA_M, MMA_K, 2)
+  Tensor tdQrK = thr_dq.partition_fragment_B(sKt);     // (MMA, MMA_N, MMA_K)
+  Tensor tdSsdS = thr_sdp.partition_C(sdSt);           // where this thread's dS^T goes, per buffer
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(select<0, 1>(typename T::TileSdP{})));
+  Tensor coord = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (key, query)
+
+  Tensor tdVrdV = partition_fragment_C(mma_dkv, select<0, 1>(typename T::TileDKV{}));
+  Tensor tdKrdK = partition_fragment_C(mma_dkv, select<0, 1>(typename T::TileDKV{}));
+  clear(tdVrdV);
+  clear(tdKrdK);
+
+  typename T::PipelineState read_q, read_do;
+  int buf = 0;
+  float* dq_stage = ss.dq.data() + wg * (T::kDqElems / 2);
+
+  // One query block m of head h against this CTA's keys.
+  auto step = [&](int h, int m) {
+    const int m0 = m * T::kBlockM;
+    Tensor tSrS = partition_fragment_C(mma_sdp, select<0, 1>(typename T::TileSdP{}));
+    Tensor tSrdP = partition_fragment_C(mma_sdp, select<0, 1>(typename T::TileSdP{}));
+    pipe_q.consumer_wait(read_q);
+    wgmma_gemm<true>(mma_sdp, tSrK, tSrQ(_, _, _, read_q.index()), tSrS);
+    pipe_do.consumer_wait(read_do);
+    wgmma_gemm<true>(mma_sdp, tSrV, tSrdO(_, _, _, read_do.index()), tSrdP);
+
+    warpgroup_wait<1>();
+    Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    const float* lse = ss.lse.data() + read_q.index() * T::kBlockM;
+    if (blk.needs_mask<T::kBlockM, T::kBlockN>(a, m0)) {
+      scores_to_probs<true>(s_rc, coord, lse, a, blk, m0);
+    } else {
+      scores_to_probs<false>(s_rc, coord, lse, a, blk, m0);
+    }
+    Tensor tPrP = make_tensor_like<Element>(tSrS);
+    convert_to<Element>(tSrS, tPrP);
+    Tensor tPrP_a = make_tensor(tPrP.data(), acc_as_operand_a(tPrP.layout()));
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tPrP);
+    wgmma_gemm<false>(mma_dkv, tPrP_a, tdVrdO(_, _, _, read_do.index()), tdVrdV);
+
+    Tensor dp_rc = make_tensor(tSrdP.data(), acc_rowcol(tSrdP.layout()));
+    probs_to_dscores(s_rc, dp_rc, coord, ss.dsum.data() + read_do.index() * T::kBlockM);
+    Tensor tdSrdS = make_tensor_like<Element>(tSrdP);
+    convert_to<Element>(tSrdP, tdSrdS);
+    Tensor tdSrdS_a = make_tensor(tdSrdS.data(), acc_as_operand_a(tdSrdS.layout()));
+    warpgroup_fence_operand(tdSrdS);
+    wgmma_gemm<false>(mma_dkv, tdSrdS_a, tdKrQ(_, _, _, read_q.index()), tdKrdK);
+    copy(tdSrdS, tdSsdS(_, _, _, buf));
+    cutlass::arch::fence_view_async_shared();
+    if (wg_leader) cute::tma_store_wait<0>();  // the previous dQ reduce-add has read dq_stage
+    named_bar_sync(kBarDsStored, T::kConsumerThreads);
+
+    Tensor tdQrdQ = partition_fragment_C(mma_dq, select<0, 1>(typename T::TileDQ{}));
+    wgmma_gemm<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrK, tdQrdQ);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tPrP);
+    warpgroup_fence_operand(tdSrdS);
+    pipe_q.consumer_release(read_q);
+    ++read_q;
+    pipe_do.consumer_release(read_do);
+    ++read_do;
+    buf ^= 1;
+
+    CUTE_UNROLL
+    for (int j = 0; j < size(tdQrdQ) / 4; ++j) {
+      *reinterpret_cast<float4*>(dq_stage + (j * 128 + tidx % 128) * 4) =
+          make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2), tdQrdQ(4 * j + 3));
+    }
+    cutlass::arch::fence_view_async_shared();
+    named_bar_sync(kBarDqStaged + wg, 128);
+    if (wg_leader) {
+      float* gdq = a.dq_accum + dq_tile_offset(a, b, h, m, T::kDqElems) + wg * (T::kDqElems / 2);
+      bulk_reduce_add(gdq, dq_stage, T::kDqElems / 2 * sizeof(float));
+      cute::tma_store_arrive();
+    }
+  };
+
+  if (blk.m_begin < blk.m_end) {
+    cutlass::arch::ClusterTransactionBarrier::wait(&ss.kv_full, 0);
+    for (int g = 0; g < a.heads_per_kv_head; ++g) {
+      for (int m = blk.m_begin; m < blk.m_end; ++m) step(hk * a.heads_per_kv_head + g, m);
+    }
+  }
+  if (wg_leader) bulk_wait_all();
+
+  Element* dv = static_cast<Element*>(a.dv) + b * a.dv_batch + hk * a.dv_head;
+  Element* dk = static_cast<Element*>(a.dk) + b * a.dk_batch + hk * a.dk_head;
+  store_dkv<T>(tdVrdV, thr_dkv, 1.f, dv, a.dv_row, a, blk.n0);
+  store_dkv<T>(tdKrdK, thr_dkv, a.scale, dk, a.dk_row, a, blk.n0);
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) bwd_main_kernel(CUTE_GRID_CONSTANT typename Traits::Params const p) {
+  using Pipeline = typename Traits::Pipeline;
+  extern __shared__ char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = Traits::kStageBytes;
+  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = Traits::kConsumerThreads;
+  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&ss.kv_full, 1);
+  Pipeline pipe_q(ss.pipe_q, pp, Shape<_1, _1, _1>{});
+  Pipeline pipe_do(ss.pipe_do, pp, Shape<_1, _1, _1>{});
+  __syncthreads();
+
+  const BwdBlock blk = BwdBlock::make<Traits::kBlockM, Traits::kBlockN>(p.args, blockIdx.x);
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x == 0 && blk.m_begin < blk.m_end) bwd_producer<Traits>(p, ss, pipe_q, pipe_do, blk);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+    bwd_consumer<Traits>(p, ss, pipe_q, pipe_do, blk);
+  }
+}
+
+}  // namespace flash_attention::sm90

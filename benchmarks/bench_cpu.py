@@ -3,7 +3,8 @@
 
 Forward and forward+backward, bf16 and fp32, head dims 64/128, S = 512..4096 (B=1, H=8 by default),
 both on the same number of threads. The two implementations are timed alternately, repetition by
-repetition, so that load from other processes affects both alike; the median is reported.
+repetition, so that load from other processes affects both alike; the median (or, with --stat min, the
+fastest repetition) is reported.
 FLOPs = 4*B*H*Sq*Sk*D (halved when causal); fwd+bwd counts 3.5x the forward.
 
   PYTHONPATH=python FLASH_ATTENTION_LIBRARY=build/<name>/_C.so python3 benchmarks/bench_cpu.py
@@ -64,20 +65,21 @@ def make_runners(mode, dtype, batch, heads, seqlen, hdim, causal):
     return {"flash_attention-cpu": run_ours, "sdpa-cpu": run_sdpa}, err
 
 
-def time_alternating(runners, min_reps, budget_s):
-    """Median ms per runner, repetitions interleaved; one untimed warm-up each."""
+def time_alternating(runners, min_reps, max_reps, budget_s, stat):
+    """ms per runner (median or min of its repetitions), repetitions interleaved; one untimed warm-up each."""
     for fn in runners.values():
         fn()
     times = {name: [] for name in runners}
     start = time.perf_counter()
     reps = 0
-    while reps < min_reps or (time.perf_counter() - start < budget_s and reps < 50):
+    while reps < min_reps or (time.perf_counter() - start < budget_s and reps < max_reps):
         for name, fn in runners.items():
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
         reps += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    reduce = min if stat == "min" else statistics.median
+    return {name: reduce(ts) for name, ts in times.items()}
 
 
 def main():
@@ -92,6 +94,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-reps", type=int, default=3)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of repetitions per config")
+    ap.add_argument("--max-reps", type=int, default=50)
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="min: the fastest repetition, for machines with other load")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.csv"))
     args = ap.parse_args()
 
@@ -107,7 +112,7 @@ def main():
                     for seqlen in map(int, args.seqlens.split(",")):
                         runners, err = make_runners(mode, DTYPES[dname], args.batch, args.heads, seqlen,
                                                     hdim, causal)
-                        ms = time_alternating(runners, args.min_reps, args.budget)
+                        ms = time_alternating(runners, args.min_reps, args.max_reps, args.budget, args.stat)
                         flops = 4 * args.batch * args.heads * seqlen * seqlen * hdim / (2 if causal else 1)
                         flops *= 3.5 if mode == "fwdbwd" else 1.0
                         for impl, t in ms.items():

@@ -30,8 +30,8 @@ constexpr int kFusedGroupsPerThread = 2;
 
 struct Dims {
   int D, Dp, group, skp, sq, nqb, nkb;
-  // Per (b, kv head): K (skp x Dp), K^T and V^T (D x skp, panel layout); per query head: Q, dO,
-  // dQ accumulator (sq x Dp), D = rowsum(dO * O), lse.
+  // Per (b, kv head): K (skp x Dp), K^T and V^T (D x skp), all three in panel layout (MatB::panels);
+  // per query head: Q, dO, dQ accumulator (sq x Dp), D = rowsum(dO * O), lse.
   int64_t kv_floats() const { return int64_t{skp} * (Dp + 2 * D); }
   int64_t head_floats() const { return int64_t{sq} * (3 * Dp + 2); }
   int64_t slot_floats() const { return std::max<int64_t>(1, kv_floats() + group * head_floats()); }
@@ -70,19 +70,14 @@ struct HeadData {
 // query rows [i0, i0 + kStageRows) of one head.
 void stage_kv(const BackwardParams& p, const Dims& d, int b, int hk, int j0, const GroupData& g) {
   const Seq s = seq_of(p, b);
-  Buffer tmp(d.Dp);
-  for (int j = j0; j < std::min(j0 + kStageRows, round_up(s.sk, kLanes)); ++j) {
-    float* krow = g.k + int64_t{j} * d.Dp;
-    std::fill(krow, krow + d.Dp, 0.f);
-    std::fill(tmp.get(), tmp.get() + d.D, 0.f);
-    if (j < s.sk) {
-      load_row(p.dtype, element(p.k, p.dtype, row_offset(p, p.k_strides, b, s.k0, j, hk)), d.D, krow);
-      load_row(p.dtype, element(p.v, p.dtype, row_offset(p, p.v_strides, b, s.k0, j, hk)), d.D, tmp.get());
-    }
-    for (int c = 0; c < d.D; ++c) {
-      g.kt[panel_index(j, c, d.D)] = krow[c];
-      g.vt[panel_index(j, c, d.D)] = tmp.get()[c];
-    }
+  const RowSource k{p.k, p.k_strides, b, s.k0, s.sk, hk}, v{p.v, p.v_strides, b, s.k0, s.sk, hk};
+  Buffer block(int64_t{kLanes} * d.Dp);
+  for (int j = j0; j < std::min(j0 + kStageRows, round_up(s.sk, kLanes)); j += kLanes) {
+    load_block(p, k, j, d.Dp, block.get());
+    block_to_panels(block.get(), d.Dp, d.skp, j, g.k);
+    block_to_transposed_panel(block.get(), d.D, d.Dp, g.kt + int64_t{j} * d.D);
+    load_block(p, v, j, d.Dp, block.get());
+    block_to_transposed_panel(block.get(), d.D, d.Dp, g.vt + int64_t{j} * d.D);
   }
 }
 
@@ -97,22 +92,29 @@ void stage_head(const BackwardParams& p, const Dims& d, int b, int h, int i0, co
     load_row(p.dtype, element(p.out, p.dtype, row_offset(p, p.out_strides, b, s.q0, i, h)), d.D, o.get());
     std::fill(q + d.D, q + d.Dp, 0.f);
     std::fill(dout + d.D, dout + d.Dp, 0.f);
+    std::fill(o.get() + d.D, o.get() + d.Dp, 0.f);
     std::fill(hd.dq + int64_t{i} * d.Dp, hd.dq + int64_t{i + 1} * d.Dp, 0.f);
-    float delta = 0.f;
-    for (int c = 0; c < d.D; ++c) delta += dout[c] * o.get()[c];
-    hd.delta[i] = delta;
+    vfloat delta{};
+    for (int c = 0; c < d.Dp; c += kLanes) delta += vload(dout + c) * vload(o.get() + c);
+    hd.delta[i] = hsum(delta);
     hd.lse[i] = p.softmax_lse[lse_offset(p, s, b, h, i)];
   }
 }
 
+// Per-thread scratch: P (or dropped P), dP -> dS, softcap derivative (kBlockM x kBlockN each), the
+// dK | dQ accumulator and the dV accumulator.
 struct Work {
-  Buffer s, dp, dcap, acc_a, acc_b;  // P (or dropped P), dP -> dS, softcap derivative, dK|dQ, dV
+  static constexpr int64_t kTile = int64_t{kBlockM} * kBlockN;
+  int64_t acc_floats;
+  CachedBuffer mem;
   explicit Work(int Dp)
-      : s(int64_t{kBlockM} * kBlockN),
-        dp(int64_t{kBlockM} * kBlockN),
-        dcap(int64_t{kBlockM} * kBlockN),
-        acc_a(int64_t{std::max(kBlockM, kBlockN)} * Dp),
-        acc_b(int64_t{kBlockN} * Dp) {}
+      : acc_floats(int64_t{std::max(kBlockM, kBlockN)} * Dp),
+        mem(3 * kTile + 2 * acc_floats, CacheSlot::kWork) {}
+  float* s() const { return mem.get(); }
+  float* dp() const { return s() + kTile; }
+  float* dcap() const { return dp() + kTile; }
+  float* acc_a() const { return dcap() + kTile; }
+  float* acc_b() const { return acc_a() + acc_floats; }
 };
 
 // Query rows [i0, i0 + rows) x keys [j0, j0 + n).
@@ -124,8 +126,8 @@ struct Block {
 void dropout_ds(const BackwardParams& p, const Block& blk, int64_t bh, const float* delta, Work& w) {
   const float scale = 1.f / (1.f - p.dropout_p);
   for (int r = 0; r < blk.rows; ++r) {
-    float* s = w.s.get() + int64_t{r} * kBlockN;
-    float* dp = w.dp.get() + int64_t{r} * kBlockN;
+    float* s = w.s() + int64_t{r} * kBlockN;
+    float* dp = w.dp() + int64_t{r} * kBlockN;
     for (int c = 0; c < blk.n; c += 4) {
       const Philox4 bits = dropout_block(p.philox_seed, p.philox_offset, bh, blk.i0 + r, (blk.j0 + c) >> 2);
       const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
@@ -144,44 +146,46 @@ void dropout_ds(const BackwardParams& p, const Block& blk, int64_t bh, const flo
 void compute_ds(const BackwardParams& p, const Dims& d, const GroupData& g, const HeadData& hd,
                 const ScoreOps& ops, const Block& blk, int64_t bh, Work& w) {
   const bool masked = !ops.mask.covers(blk.i0, blk.i0 + blk.rows - 1, blk.j0, blk.j0 + blk.n - 1);
-  gemm(blk.rows, blk.n, d.D, hd.q + int64_t{blk.i0} * d.Dp, d.Dp, 1, MatB::panels(g.kt, d.D, blk.j0),
-       w.s.get(), kBlockN, false);
-  const float factor = transform_scores(w.s.get(), kBlockN, blk.rows, blk.n, blk.i0, blk.j0, ops,
-                                        ops.softcap > 0.f ? w.dcap.get() : nullptr);
-  if (masked) mask_scores(w.s.get(), kBlockN, blk.rows, blk.n, blk.i0, blk.j0, ops.mask);
+  gemm(blk.rows, blk.n, d.D, hd.q + int64_t{blk.i0} * d.Dp, d.Dp, 1, MatB::panels(g.kt, d.D, blk.j0), w.s(),
+       kBlockN, false);
+  const float factor = transform_scores(w.s(), kBlockN, blk.rows, blk.n, blk.i0, blk.j0, ops,
+                                        ops.softcap > 0.f ? w.dcap() : nullptr);
+  if (masked) mask_scores(w.s(), kBlockN, blk.rows, blk.n, blk.i0, blk.j0, ops.mask);
   gemm(blk.rows, blk.n, d.D, hd.dout + int64_t{blk.i0} * d.Dp, d.Dp, 1, MatB::panels(g.vt, d.D, blk.j0),
-       w.dp.get(), kBlockN, false);
+       w.dp(), kBlockN, false);
+  // P = exp(logit - lse); without dropout dS = P * (dP - D) in the same pass.
   for (int r = 0; r < blk.rows; ++r) {
-    float* s = w.s.get() + int64_t{r} * kBlockN;
+    float* s = w.s() + int64_t{r} * kBlockN;
+    float* dp = w.dp() + int64_t{r} * kBlockN;
     const vfloat f = vsplat(factor * kLog2e), lse = vsplat(hd.lse[blk.i0 + r] * kLog2e);
-    for (int c = 0; c < blk.n; c += kLanes) vstore(s + c, vexp2(vload(s + c) * f - lse));
-  }
-  if (p.dropout_p > 0.f) {
-    dropout_ds(p, blk, bh, hd.delta + blk.i0, w);
-  } else {
-    for (int r = 0; r < blk.rows; ++r) {
-      const float* s = w.s.get() + int64_t{r} * kBlockN;
-      float* dp = w.dp.get() + int64_t{r} * kBlockN;
-      const float delta = hd.delta[blk.i0 + r];
-      for (int c = 0; c < blk.n; c += kLanes) vstore(dp + c, vload(s + c) * (vload(dp + c) - delta));
+    const vfloat delta = vsplat(hd.delta[blk.i0 + r]);
+    if (p.dropout_p > 0.f) {
+      for (int c = 0; c < blk.n; c += kLanes) vstore(s + c, vexp2(vload(s + c) * f - lse));
+      continue;
+    }
+    for (int c = 0; c < blk.n; c += kLanes) {
+      const vfloat prob = vexp2(vload(s + c) * f - lse);
+      vstore(s + c, prob);
+      vstore(dp + c, prob * (vload(dp + c) - delta));
     }
   }
+  if (p.dropout_p > 0.f) dropout_ds(p, blk, bh, hd.delta + blk.i0, w);
   if (ops.softcap > 0.f) {
     for (int r = 0; r < blk.rows; ++r) {
-      float* dp = w.dp.get() + int64_t{r} * kBlockN;
-      const float* dc = w.dcap.get() + int64_t{r} * kBlockN;
+      float* dp = w.dp() + int64_t{r} * kBlockN;
+      const float* dc = w.dcap() + int64_t{r} * kBlockN;
       for (int c = 0; c < blk.n; c += kLanes) vstore(dp + c, vload(dp + c) * vload(dc + c));
     }
   }
 }
 
-void store_rows(const BackwardParams& p, const Dims& d, const float* acc, int rows, float scale, void* base,
+// Scales accumulator rows in place (they are dead afterwards) and stores them.
+void store_rows(const BackwardParams& p, const Dims& d, float* acc, int rows, float scale, void* base,
                 const TensorStrides& strides, int b, int64_t row0, int first, int h) {
-  Buffer tmp(d.Dp);
   for (int r = 0; r < rows; ++r) {
-    const float* src = acc + int64_t{r} * d.Dp;
-    for (int c = 0; c < d.D; ++c) tmp.get()[c] = src[c] * scale;
-    store_row(p.dtype, tmp.get(), d.D, element(base, p.dtype, row_offset(p, strides, b, row0, first + r, h)));
+    float* src = acc + int64_t{r} * d.Dp;
+    for (int c = 0; c < d.Dp; c += kLanes) vstore(src + c, vload(src + c) * scale);
+    store_row(p.dtype, src, d.D, element(base, p.dtype, row_offset(p, strides, b, row0, first + r, h)));
   }
 }
 
@@ -194,8 +198,8 @@ void dkdv_block(const BackwardParams& p, const Dims& d, int b, int hk, int j0, f
   const int n = std::min(kBlockN, round_up(s.sk, kLanes) - j0);
   const int j1 = std::min(j0 + n, s.sk) - 1;
   const GroupData g(slot, d);
-  std::fill(w.acc_a.get(), w.acc_a.get() + int64_t{n} * d.Dp, 0.f);
-  std::fill(w.acc_b.get(), w.acc_b.get() + int64_t{n} * d.Dp, 0.f);
+  std::fill(w.acc_a(), w.acc_a() + int64_t{n} * d.Dp, 0.f);
+  std::fill(w.acc_b(), w.acc_b() + int64_t{n} * d.Dp, 0.f);
   for (int hg = 0; hg < d.group; ++hg) {
     const int h = hk * d.group + hg;
     const HeadData hd(slot, d, hg);
@@ -204,18 +208,18 @@ void dkdv_block(const BackwardParams& p, const Dims& d, int b, int hk, int j0, f
     for (int i0 = ilo; i0 <= ihi; i0 += kBlockM) {
       const Block blk{i0, std::min(kBlockM, ihi - i0 + 1), j0, n};
       compute_ds(p, d, g, hd, ops, blk, int64_t{b} * p.num_heads + h, w);
-      gemm(n, d.Dp, blk.rows, w.s.get(), 1, kBlockN, MatB::row_major(hd.dout + int64_t{i0} * d.Dp, d.Dp),
-           w.acc_b.get(), d.Dp, true);
-      gemm(n, d.Dp, blk.rows, w.dp.get(), 1, kBlockN, MatB::row_major(hd.q + int64_t{i0} * d.Dp, d.Dp),
-           w.acc_a.get(), d.Dp, true);
+      gemm(n, d.Dp, blk.rows, w.s(), 1, kBlockN, MatB::row_major(hd.dout + int64_t{i0} * d.Dp, d.Dp),
+           w.acc_b(), d.Dp, true);
+      gemm(n, d.Dp, blk.rows, w.dp(), 1, kBlockN, MatB::row_major(hd.q + int64_t{i0} * d.Dp, d.Dp), w.acc_a(),
+           d.Dp, true);
       if (with_dq) {
-        gemm(blk.rows, d.Dp, n, w.dp.get(), kBlockN, 1, MatB::row_major(g.k + int64_t{j0} * d.Dp, d.Dp),
+        gemm(blk.rows, d.Dp, n, w.dp(), kBlockN, 1, MatB::panels(g.k, d.skp, 0).from_row(j0),
              hd.dq + int64_t{i0} * d.Dp, d.Dp, true);
       }
     }
   }
-  store_rows(p, d, w.acc_a.get(), j1 - j0 + 1, p.softmax_scale, p.dk, p.dk_strides, b, s.k0, j0, hk);
-  store_rows(p, d, w.acc_b.get(), j1 - j0 + 1, 1.f, p.dv, p.dv_strides, b, s.k0, j0, hk);
+  store_rows(p, d, w.acc_a(), j1 - j0 + 1, p.softmax_scale, p.dk, p.dk_strides, b, s.k0, j0, hk);
+  store_rows(p, d, w.acc_b(), j1 - j0 + 1, 1.f, p.dv, p.dv_strides, b, s.k0, j0, hk);
 }
 
 // Pass B of the split schedule: dQ of query rows [i0, i0 + kBlockM) of (b, h).
@@ -232,8 +236,7 @@ void dq_block(const BackwardParams& p, const Dims& d, int b, int h, int i0, floa
   for (int j0 = lo / kBlockN * kBlockN; j0 <= hi; j0 += kBlockN) {
     const Block blk{i0, rows, j0, std::min(kBlockN, round_up(hi + 1, kLanes) - j0)};
     compute_ds(p, d, g, hd, ops, blk, int64_t{b} * p.num_heads + h, w);
-    gemm(rows, d.Dp, blk.n, w.dp.get(), kBlockN, 1, MatB::row_major(g.k + int64_t{j0} * d.Dp, d.Dp), dq, d.Dp,
-         true);
+    gemm(rows, d.Dp, blk.n, w.dp(), kBlockN, 1, MatB::panels(g.k, d.skp, 0).from_row(j0), dq, d.Dp, true);
   }
   store_rows(p, d, dq, rows, p.softmax_scale, p.dq, p.dq_strides, b, s.q0, i0, h);
 }
@@ -277,7 +280,7 @@ Status backward(const BackwardParams& p) {
   StagingBuffer staging(d.slot_floats(), groups);
   FA_RETURN_IF_ERROR(staging.status());
   const int chunk = staging.chunk();
-  [[maybe_unused]] const int threads = resolve_threads(p.num_threads);
+  [[maybe_unused]] const int threads = resolve_threads(p);
   const StagePlan plan(d);
   for (int g0 = 0; g0 < groups; g0 += chunk) {
     const int ng = std::min(chunk, groups - g0);

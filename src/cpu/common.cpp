@@ -115,47 +115,81 @@ void store_row(DType dtype, const float* src, int n, void* dst) {
   }
 }
 
+void load_block(const ForwardParams& p, const RowSource& src, int j0, int Dp, float* block) {
+  for (int r = 0; r < kLanes; ++r) {
+    float* dst = block + int64_t{r} * Dp;
+    const int j = j0 + r;
+    int filled = 0;
+    if (j < src.rows) {
+      load_row(p.dtype, element(src.base, p.dtype, row_offset(p, src.strides, src.b, src.row0, j, src.h)),
+               p.head_dim, dst);
+      filled = p.head_dim;
+    }
+    std::fill(dst + filled, dst + Dp, 0.f);
+  }
+}
+
+void block_to_transposed_panel(const float* block, int D, int Dp, float* panel) {
+  for (int c0 = 0; c0 < D; c0 += kLanes) {
+    vfloat v[kLanes];
+    for (int r = 0; r < kLanes; ++r) v[r] = vload(block + int64_t{r} * Dp + c0);
+    transpose16(v);
+    for (int c = 0; c < std::min(kLanes, D - c0); ++c) vstore(panel + int64_t{c0 + c} * kLanes, v[c]);
+  }
+}
+
+void block_to_panels(const float* block, int Dp, int skp, int j0, float* dst) {
+  for (int r = 0; r < kLanes; ++r)
+    for (int c = 0; c < Dp; c += kLanes)
+      vstore(dst + int64_t{c} * skp + int64_t{j0 + r} * kLanes, vload(block + int64_t{r} * Dp + c));
+}
+
 namespace {
-struct StagingCache {
+struct CacheEntry {
   Buffer buffer;
   int64_t floats = 0;
 };
-thread_local StagingCache staging_cache;
+thread_local CacheEntry thread_cache[kCacheSlots];
 }  // namespace
 
-StagingBuffer::StagingBuffer(int64_t slot_floats, int groups)
-    : slot_floats_(slot_floats),
-      chunk_(static_cast<int>(std::clamp<int64_t>(kStagingBytes / 4 / slot_floats, 1, groups))),
-      floats_(chunk_ * slot_floats) {
-  const int64_t floats = floats_;
-  if (staging_cache.floats >= floats) {
-    buffer_ = std::move(staging_cache.buffer);
-    floats_ = staging_cache.floats;
-    staging_cache.floats = 0;
+CachedBuffer::CachedBuffer(int64_t floats, CacheSlot slot) : floats_(floats), slot_(slot) {
+  CacheEntry& kept = thread_cache[static_cast<int>(slot)];
+  if (kept.floats >= floats) {
+    buffer_ = std::move(kept.buffer);
+    floats_ = kept.floats;
+    kept.floats = 0;
   } else {
     buffer_ = Buffer(floats);
   }
 }
 
-Status StagingBuffer::status() const {
-  if (buffer_.get() != nullptr) return Status::Ok();
-  return Status::Internal("cpu: cannot allocate " + std::to_string(floats_ * 4) + " bytes of staging memory");
-}
-
-StagingBuffer::~StagingBuffer() {
-  if (floats_ * 4 <= kKeepStagingBytes && floats_ > staging_cache.floats) {
-    staging_cache.buffer = std::move(buffer_);
-    staging_cache.floats = floats_;
+CachedBuffer::~CachedBuffer() {
+  CacheEntry& kept = thread_cache[static_cast<int>(slot_)];
+  if (buffer_.get() != nullptr && floats_ * 4 <= kKeepBytes && floats_ > kept.floats) {
+    kept.buffer = std::move(buffer_);
+    kept.floats = floats_;
   }
 }
 
-int resolve_threads(int requested) {
-  if (requested > 0) return requested;
+StagingBuffer::StagingBuffer(int64_t slot_floats, int groups)
+    : slot_floats_(slot_floats),
+      chunk_(static_cast<int>(std::clamp<int64_t>(kStagingBytes / 4 / slot_floats, 1, groups))),
+      buffer_(chunk_ * slot_floats, CacheSlot::kStaging) {}
+
+Status StagingBuffer::status() const {
+  if (buffer_.get() != nullptr) return Status::Ok();
+  return Status::Internal("cpu: cannot allocate " + std::to_string(buffer_.floats() * 4) +
+                          " bytes of staging memory");
+}
+
+int resolve_threads(const ForwardParams& p) {
 #ifdef _OPENMP
-  return omp_get_max_threads();
+  const int requested = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
 #else
-  return 1;
+  const int requested = 1;
 #endif
+  const int64_t work = int64_t{p.batch} * p.num_heads * p.seqlen_q * p.seqlen_k * p.head_dim;
+  return static_cast<int>(std::clamp<int64_t>(work / kWorkPerThread, 1, requested));
 }
 
 float transform_scores(float* s, int ld, int rows, int n, int i0, int j0, const ScoreOps& ops, float* dcap) {

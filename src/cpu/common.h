@@ -18,11 +18,23 @@ constexpr int64_t kStagingBytes = int64_t{1} << 29;
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Panel layout of a D x S matrix (K^T, V^T): vector column j / kLanes is one contiguous D x kLanes
-// panel (see MatB::panels in gemm.h).
-inline int64_t panel_index(int j, int d, int D) {
-  return int64_t{j / kLanes} * D * kLanes + int64_t{d} * kLanes + j % kLanes;
-}
+// Staging of K / V (and other per-key tensors) in blocks of kLanes rows: load_block reads rows
+// [j0, j0 + kLanes) of head h of a (B, S, H, D) / varlen tensor as fp32 into `block` (kLanes x Dp,
+// row-major); rows from `rows` on (past the sequence) and columns from D on are zero.
+struct RowSource {
+  const void* base;
+  TensorStrides strides;
+  int b;
+  int64_t row0;  // first packed row of the sequence (varlen)
+  int rows;      // rows in the sequence
+  int h;
+};
+void load_block(const ForwardParams& p, const RowSource& src, int j0, int Dp, float* block);
+// The block transposed: the D x kLanes panel of keys [j0, j0 + kLanes) of a D x skp matrix (K^T)
+// in panel layout (MatB::panels with K = D), which starts at kt + j0 * D.
+void block_to_transposed_panel(const float* block, int D, int Dp, float* panel);
+// The block as rows [j0, j0 + kLanes) of a skp x Dp matrix in panel layout (MatB::panels with K = skp).
+void block_to_panels(const float* block, int Dp, int skp, int j0, float* dst);
 
 // Converts n elements of `dtype` at src to fp32 / fp32 to `dtype`.
 void load_row(DType dtype, const void* src, int n, float* dst);
@@ -52,28 +64,46 @@ class Buffer {
   std::unique_ptr<float, Free> data_;
 };
 
+// 64-byte aligned fp32 memory of at least `floats` that is kept by the thread when the object
+// dies (up to kKeepBytes per slot) and handed to the next object of the same slot: repeated calls
+// reuse warm pages instead of faulting on fresh ones. At most one live object per thread and slot.
+enum class CacheSlot : int { kStaging = 0, kWork = 1 };
+constexpr int kCacheSlots = 2;
+constexpr int64_t kKeepBytes = int64_t{1} << 27;
+class CachedBuffer {
+ public:
+  CachedBuffer(int64_t floats, CacheSlot slot);
+  ~CachedBuffer();
+  CachedBuffer(const CachedBuffer&) = delete;
+  CachedBuffer& operator=(const CachedBuffer&) = delete;
+  float* get() const { return buffer_.get(); }
+  int64_t floats() const { return floats_; }
+
+ private:
+  Buffer buffer_;
+  int64_t floats_;
+  CacheSlot slot_;
+};
+
 // Staging memory for one call: chunk() slots of `slot_floats` each, one per (batch, kv head) group of
-// a chunk, as many groups as fit in kStagingBytes (at least one). Up to kKeepStagingBytes stay cached
-// per calling thread between calls, so repeated calls do not pay page faults on fresh memory.
-constexpr int64_t kKeepStagingBytes = int64_t{1} << 27;
+// a chunk, as many groups as fit in kStagingBytes (at least one).
 class StagingBuffer {
  public:
   StagingBuffer(int64_t slot_floats, int groups);
-  ~StagingBuffer();
-  StagingBuffer(const StagingBuffer&) = delete;
-  StagingBuffer& operator=(const StagingBuffer&) = delete;
   int chunk() const { return chunk_; }
   float* slot(int g) const { return buffer_.get() + g * slot_floats_; }
   Status status() const;  // kInternal when the allocation failed
 
  private:
-  Buffer buffer_;
   int64_t slot_floats_;
   int chunk_;
-  int64_t floats_;
+  CachedBuffer buffer_;
 };
 
-int resolve_threads(int requested);
+// Threads for a call: the requested count (0 = the OpenMP default), but at most one per
+// kWorkPerThread multiply-adds of q k^T, so that small calls do not wait on waking threads.
+constexpr int64_t kWorkPerThread = int64_t{1} << 22;
+int resolve_threads(const ForwardParams& p);
 
 // One sequence of the batch: first packed row (varlen) and lengths.
 struct Seq {

@@ -354,7 +354,7 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
   TileScales scales{a.scale_log2, a.softcap_pre};
   if constexpr (Traits::kFp8) scales = TileScales::make(a, tile);
-  OnlineSoftmax<kRows, (Traits::kHeadDim <= 64)> softmax(scales.scale_log2);  // see OnlineSoftmax
+  OnlineSoftmax<kRows> softmax(scales.scale_log2);
   float factor[kRows];
   const int row0 = m_block * Traits::kBlockM;
 

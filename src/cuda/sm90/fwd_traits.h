@@ -1,9 +1,11 @@
 // Compile-time shape of the sm90 forward kernel: tiles, shared-memory layouts, wgmma tilings, TMA types.
 #pragma once
 
-// Tile N of 80 / 112 / 176 needs the wgmma shapes CuTe keeps behind this switch.
+// Tile N of 80 / 112 / 176 needs the wgmma shapes CuTe keeps behind this switch. It must be set before
+// the first CuTe header of the translation unit (else CuTe silently tiles N = 176 as 11 x 64x16x16
+// wgmmas, ~30% slower), so CMake defines it for every sm90 source; a build without it stops here.
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
-#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#error "sm90 sources need -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED (cmake/FlashAttentionCuda.cmake sets it)"
 #endif
 
 #include <type_traits>

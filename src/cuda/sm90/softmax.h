@@ -44,29 +44,9 @@ CUTE_DEVICE float tanh_approx(float x) {
   return y;
 }
 
-// 2^x for x <= 0 on the FMA pipe (no MUFU): x = j + f with j = round(x), f in [-0.5, 0.5];
-// 2^f by a degree-4 polynomial (relative error < 5e-5, below bf16/fp16 rounding of P), 2^j added to
-// the exponent bits. Adding 1.5 * 2^23 leaves round(x) in the low mantissa bits of t, so t << 23
-// is j << 23. x <= -127 (masked scores are -inf) gives exactly 0, as exp2 does.
-CUTE_DEVICE float exp2_fma(float x) {
-  constexpr float kRound = 12582912.f;
-  const float xc = fmaxf(x, -127.f);
-  const float t = __fadd_rn(xc, kRound);
-  const float f = __fsub_rn(xc, __fsub_rn(t, kRound));
-  float p = fmaf(f, 0.0096181291f, 0.0555041087f);
-  p = fmaf(p, f, 0.2402265070f);
-  p = fmaf(p, f, 0.6931471806f);
-  p = fmaf(p, f, 1.f);
-  const float r = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-  return xc > -127.f ? r : 0.f;
-}
-
 // Online softmax over the rows a thread owns. Scores stay raw (unscaled) in registers; the exponent
 // scale is applied inside exp2 (one FFMA per element).
-// kExpOnFma: every 4th exponential runs on the FMA pipe (exp2_fma) instead of the MUFU unit. At small
-// head dims MUFU throughput (16 exp2 / clock / SM on Hopper) bounds the kernel: one exp per 4 * D
-// tensor-core FLOPs; moving a quarter of them to the 8x wider FMA pipe balances the two.
-template <int kRows, bool kExpOnFma = false>
+template <int kRows>
 struct OnlineSoftmax {
   float row_max[kRows];
   float row_sum[kRows];  // this thread's partial sums; reduced over the quad in finalize()
@@ -98,8 +78,7 @@ struct OnlineSoftmax {
       float sum = 0.f;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s); ++c) {
-        const float x = s(r, c) * scale_log2 - m_scaled;
-        s(r, c) = (kExpOnFma && c % 4 == 3) ? exp2_fma(x) : exp2f(x);
+        s(r, c) = exp2f(s(r, c) * scale_log2 - m_scaled);
         sum += s(r, c);
       }
       row_sum[r] = row_sum[r] * factor[r] + sum;

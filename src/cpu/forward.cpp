@@ -207,11 +207,7 @@ void attend(const ForwardParams& p, const Dims& d, int64_t bh, const ScoreOps& o
   softmax_update(w.s(), qb.rows, n, factor, masked ? &ops.mask : nullptr, qb.i0, j0, w.m(qb.sb), w.l(qb.sb),
                  w.alpha(qb.sb));
   if (p.dropout_p > 0.f) apply_dropout(w.s(), kBlockN, qb.rows, n, qb.i0, j0, bh, p);
-  for (int r = 0; r < qb.rows; ++r) {
-    if (alpha[r] == 1.f) continue;
-    for (int c = 0; c < d.Dp; c += kLanes) vstore(o + r * d.Dp + c, vload(o + r * d.Dp + c) * alpha[r]);
-  }
-  gemm(qb.rows, d.Dp, n, w.s(), kBlockN, 1, MatB::panels(kv.v, d.skp, 0).from_row(j0), o, d.Dp, true);
+  gemm(qb.rows, d.Dp, n, w.s(), kBlockN, 1, MatB::panels(kv.v, d.skp, 0).from_row(j0), o, d.Dp, true, alpha);
 }
 
 // Query rows [i0, i0 + nsub * kBlockM) of (b, h) as nsub query blocks that take the key blocks

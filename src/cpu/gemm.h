@@ -32,14 +32,17 @@ struct MatB {
   MatB from_row(int k0) const { return {data + k0 * k_step, k_step, vec_step}; }
 };
 
+// accumulate: C += A B, with C first scaled by c_scale[r] per row when c_scale is given.
 template <int MR, int NV>
 void gemm_tile(int K, const float* A, int64_t a_row, int64_t a_col, MatB B, float* C, int64_t ldc,
-               bool accumulate) {
+               bool accumulate, const float* c_scale) {
   vfloat acc[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
+    const vfloat scale = vsplat(c_scale ? c_scale[r] : 1.f);
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vload(C + r * ldc + v * kLanes) : vfloat{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vload(C + r * ldc + v * kLanes) * scale : vfloat{};
+  }
   for (int k = 0; k < K; ++k) {
     const float* b = B.data + k * B.k_step;
     vfloat bv[NV];
@@ -62,7 +65,7 @@ constexpr int kGemmMR = 6;
 constexpr int kGemmNV = 4;
 
 // kTiles[mr - 1][nv - 1] = gemm_tile<mr, nv>, for the edge tiles of any M and N.
-using GemmTile = void (*)(int, const float*, int64_t, int64_t, MatB, float*, int64_t, bool);
+using GemmTile = void (*)(int, const float*, int64_t, int64_t, MatB, float*, int64_t, bool, const float*);
 template <int MR, int... NV>
 constexpr std::array<GemmTile, kGemmNV> tile_row(std::integer_sequence<int, NV...>) {
   return {gemm_tile<MR, NV + 1>...};
@@ -81,8 +84,10 @@ inline int gemm_kc(const MatB& B) {
   return static_cast<int>(std::max<int64_t>(16, 8192 / std::max<int64_t>(B.k_step, kGemmNV * kLanes)));
 }
 
+// C (+)= A B; with accumulate and c_scale, C is scaled row-wise by c_scale first (in the same pass:
+// the online softmax's rescale of O rides on the P V product).
 inline void gemm(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, MatB B, float* C,
-                 int64_t ldc, bool accumulate) {
+                 int64_t ldc, bool accumulate, const float* c_scale = nullptr) {
   const int kc_max = gemm_kc(B);
   for (int n0 = 0; n0 < N; n0 += kGemmNV * kLanes) {
     const int nv = std::min(kGemmNV, (N - n0) / kLanes);
@@ -92,7 +97,7 @@ inline void gemm(int M, int N, int K, const float* A, int64_t a_row, int64_t a_c
       for (int m0 = 0; m0 < M; m0 += kGemmMR) {
         const int mr = std::min(kGemmMR, M - m0);
         kTiles[mr - 1][nv - 1](kc, A + m0 * a_row + k0 * a_col, a_row, a_col, b, C + m0 * ldc + n0, ldc,
-                               accumulate || k0 > 0);
+                               accumulate || k0 > 0, k0 == 0 && c_scale ? c_scale + m0 : nullptr);
       }
     }
   }

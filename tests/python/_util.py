@@ -1,7 +1,9 @@
 """Test helpers: random inputs, the math reference and FlashAttention's tolerance rule."""
 
+import pytest
 import torch
 
+import flash_attention
 from flash_attention import reference
 
 
@@ -61,3 +63,10 @@ def grads(loss_fn, *tensors):
         t.grad = None
     loss_fn().backward()
     return [t.grad.clone() for t in tensors]
+
+
+def skip_unless_dtype_built(dtype):
+    """Skip the test when the op library has no CUDA kernels for `dtype` (FLASH_ATTENTION_DTYPES)."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    if name is not None and name not in flash_attention.build_info()["dtypes"]:
+        pytest.skip(f"{name} kernels not built (FLASH_ATTENTION_DTYPES)")

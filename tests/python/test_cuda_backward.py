@@ -32,14 +32,10 @@ SEQLENS = [(1, 1), (113, 203), (128, 217), (512, 256), (1023, 1024), (2048, 2048
 def need_cuda_kernels(request):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    info = flash_attention.build_info()
-    if not info["cuda_built"]:
+    if not flash_attention.build_info()["cuda_built"]:
         pytest.skip("built without CUDA kernels")
     params = getattr(request.node, "callspec", None)
-    dtype = params.params.get("dtype") if params else None
-    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
-    if name is not None and name not in info["dtypes"]:
-        pytest.skip(f"{name} kernels not built (FLASH_ATTENTION_DTYPES)")
+    _util.skip_unless_dtype_built(params.params.get("dtype") if params else None)
 
 
 def need_hdim(d):

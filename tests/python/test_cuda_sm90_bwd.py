@@ -30,9 +30,8 @@ def on_sm90_path(monkeypatch):
 
 def need(d, dtype):
     """Skip unless the build has an sm90 backward kernel for head dim d and dtype."""
+    _util.skip_unless_dtype_built(dtype)
     info = fa.build_info()
-    if {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype] not in info["dtypes"]:
-        pytest.skip(f"{dtype} not built")
     spec = next((s for s in SPECIALISATIONS if s >= d and s in info["head_dims"]), None)
     if spec not in SM90_BWD_HEAD_DIMS:
         pytest.skip(f"head dim {d} is served by the {spec} specialisation, which has no sm90 backward")

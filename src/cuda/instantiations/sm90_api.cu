@@ -144,7 +144,10 @@ std::string unsupported_reason(const ForwardParams& p) {
   if (p.head_dim % 8 != 0 || p.head_dim > 256) {
     return "sm90 path: head_dim must be a multiple of 8 and <= 256 (got " + std::to_string(p.head_dim) + ")";
   }
-  if (is_fp8(p.dtype) && !fp8_reason(p).empty()) return fp8_reason(p);
+  if (is_fp8(p.dtype)) {
+    std::string why = fp8_reason(p);
+    if (!why.empty()) return why;
+  }
   if (p.alibi_slopes != nullptr) return "sm90 path: alibi_slopes are served by the sm80 path";
   if (p.dropout_p > 0.f) return "sm90 path: dropout is served by the sm80 path";
   if (!(p.softmax_scale > 0.f)) return "sm90 path: softmax_scale must be > 0";

@@ -75,7 +75,7 @@ if [[ " $steps " == *" bench "* ]]; then
   say "benchmarks in $((SECONDS - t)) s"
 fi
 if [[ " $steps " == *" decode "* ]]; then
-  timeout 90 python3 benchmarks/bench_decode.py >"$LOG/bench_decode.log" 2>&1
+  timeout 90 python3 benchmarks/bench_decode.py --out "$OUT" >"$LOG/bench_decode.log" 2>&1
   say "decode benchmark rc=$?"; tail -20 "$LOG/bench_decode.log" | tee -a "$OUT/summary.txt"
 fi
 

@@ -265,11 +265,10 @@ struct Plan {
   int ctas_per_split = 1;
 };
 
-// Time model of one launch (microseconds), fitted to H200 measurements of this kernel (60 points, B 1..64,
-// Sk 1k..128k, 1..64 splits; benchmarks/results/h200_decode_diag.csv): a warp needs about 1.75 us per
-// block of 16 keys (D = 128) whatever else runs on its SM, so a wave of resident CTAs lasts kCtaUs + blocks
+// Time model of one launch (microseconds) for the many-CTA regime of make_plan, fitted to H200
+// measurements (benchmarks/results/h200_decode_diag.csv): a wave of resident CTAs lasts kCtaUs + blocks
 // per warp x kBlockUs; each split adds kSplitUs (partials, merge). Its argmin fills the resident slots in
-// whole waves: e.g. H = 32, Hk = 8 on 132 SMs x 2 CTAs: 33 splits at B = 1, 4 at B = 8, 1 at B = 64.
+// whole waves.
 double model_us(const KVCacheParams& p, int64_t ctas, int64_t blocks_per_warp, int splits, int64_t slots) {
   constexpr double kCtaUs = 12.0, kBlockUs = 1.75, kSplitUs = 0.2;
   const double waves = double((ctas + slots - 1) / slots);
@@ -292,11 +291,25 @@ Plan make_plan(const KVCacheParams& p) {
     plan.splits = fewest(std::min(p.num_splits, max_splits));
     return plan;
   }
+  // Two regimes, measured on the H200 (H 32 / Hk 8, D 128; benchmarks/results/h200_decode_splits.csv and
+  // benchmarks/NOTES.md). Few CTAs per split (B x Hk < SMs / 2): the best count puts about one CTA on
+  // every SM (B = 1: 16 splits from 8k to 128k keys, B = 8: 2), with at least kMinBlocks key blocks per
+  // split (B = 1, 1k keys: 8); more CTAs only add partials to merge. Many CTAs: 3 fit per SM, and a
+  // count that fills whole waves wins at long caches (B = 64: 3 splits at 8k-32k, 10 at 128k, +6-14 %
+  // over 1 split across two runs), so the time model below picks it, keeping kMinBlocksMany blocks per split (B = 64, 1k keys:
+  // one split, 9 % faster than two).
+  constexpr int64_t kMinBlocks = 8, kMinBlocksMany = 64;
+  const int64_t fill = device_sm_count() / (int64_t(plan.ctas_per_split) * p.batch);
+  if (fill >= 2) {
+    plan.splits = fewest(int(std::min<int64_t>({fill, std::max<int64_t>(1, blocks / kMinBlocks), max_splits})));
+    return plan;
+  }
   int per_sm = 0;
   with_kernel(p.dtype, p.head_dim, [&](auto kernel) { per_sm = decltype(kernel)::ctas_per_sm(); });
   const int64_t slots = int64_t(device_sm_count()) * std::max(per_sm, 1);
+  const int most = int(std::min<int64_t>(max_splits, std::max<int64_t>(1, blocks / kMinBlocksMany)));
   double best = 1e300;
-  for (int s = 1; s <= max_splits; ++s) {
+  for (int s = 1; s <= most; ++s) {
     const int splits = fewest(s);
     const double t = model_us(p, int64_t(plan.ctas_per_split) * p.batch * splits, per_split(splits) / kRound, splits,
                               slots);

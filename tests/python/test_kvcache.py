@@ -359,6 +359,30 @@ def test_cuda_groups_and_splits(case):
 
 
 @needs_cuda
+@pytest.mark.parametrize("D", [40, 72, 120])
+def test_cuda_head_dims_between_kernels(D):
+    """A head dim below its kernel's: the K / V chunks past it are zero-filled (the lanes that copy them)."""
+    for page in (None, 16):
+        pr = make_problem("cuda", B=2, Sq=1, H=8, Hk=2, D=D, Sk=300, page=page, new=1, leftpad=True, seed=D)
+        run_and_check(pr, num_splits=3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 192, 256])
+def test_cuda_every_kernel_head_dim(D):
+    """Each built decode kernel at its own head dim (rows copied in power-of-two segments of chunks; 96 and 192
+    take two), with left padding off a multiple of 16 (blocks that span two pages) and sequence ends inside a
+    block."""
+    if D not in _ops.build_info().get("head_dims", []):
+        pytest.skip(f"head dim {D} not built")
+    for page in (None, 16, 48):
+        pr = make_problem("cuda", B=3, Sq=1, H=8, Hk=2, D=D, Sk=333, page=page, new=1, seed=D)
+        pad = torch.tensor([5, 0, 17], dtype=torch.int32, device="cuda")
+        pr["cache_leftpad"] = torch.minimum(pad, pr["cache_seqlens"])
+        run_and_check(pr, num_splits=2)
+
+
+@needs_cuda
 def test_cuda_graph_capture_matches_eager():
     pr = make_problem("cuda", B=2, Sq=1, Sk=3000, page=16, new=1, rotary_fraction=0.5)
     k0, v0 = pr["k_cache"].clone(), pr["v_cache"].clone()

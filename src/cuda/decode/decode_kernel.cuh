@@ -2,17 +2,36 @@
 //
 // One CTA (4 warps) = (16 packed query rows of one KV head, split, batch); see decode_args.h. The CTA's key
 // range is cut into blocks of 16 keys; warp w takes blocks w, w + 4, ... and runs on its own (no CTA
-// barrier per block): a private 3-stage cp.async pipeline of 16-byte loads (K and V rows of its block,
-// addresses from the page table looked up one block ahead), S = Q K^T and O += P V with mma.sync, and an
-// online softmax on the accumulator fragments. At the end the warps merge their (max, sum, O) through
-// shared memory in a fixed order; the CTA writes the output + lse (one split) or fp32 partials, and the
-// last CTA of the splits to arrive merges those (merge_splits).
+// barrier per block): a private 2-stage cp.async pipeline of 16-byte loads (K and V rows of its block),
+// S = Q K^T and O += P V with mma.sync, and an online softmax on the accumulator fragments. At the end the
+// warps merge their (max, sum, O) through shared memory in a fixed order; the CTA writes the output + lse
+// (one split) or fp32 partials, and the last CTA of the splits to arrive merges those (merge_splits).
 //
-// Measured on H200 (benchmarks/results/h200_decode_diag.csv): a warp needs about 1.75 us per block of 16
-// keys whatever else runs on its SM (apparently bound by its own instruction latencies: ~1000 SASS
-// instructions a block). With 3 stages only two CTAs resided per SM (107 KB of shared memory each: 4 warps
-// x 3 stages x 16 keys x K and V rows of 272 bytes) and the kernel topped out near 3.9 TB/s; 2 stages
-// (70 KB) fit three. A head-major cache and a 256-byte L2 prefetch hint measured the same as the baseline.
+// Measured on H200 (benchmarks/results/h200_decode_diag.csv): a warp needed about 1.75 us per block of 16
+// keys whatever else ran on its SM, which matched the SM's issue rate at ~900 instructions per block with
+// 3 CTAs x 4 warps per SM. 3 stages left two CTAs per SM (107 KB of shared memory each) and topped out
+// near 3.9 TB/s; 2 stages (70 KB) fit three. A head-major cache and an L2 prefetch hint changed nothing.
+//
+// Session 3 cut the main loop's common path from ~850 SASS instructions to 222 (contiguous) / 260 (paged)
+// but was ~25 % slower wherever memory mattered (issue #6; KV bandwidth as % of copy bandwidth, H200, old
+// -> session 3: B=1 Sk=128k 83.4 -> 65.0, B=8 Sk=8k 77.2 -> 61.9, B=8 Sk=128k 94.6 -> 72.5, B=64 Sk=8k
+// 94.2 -> 69.9, B=64 Sk=128k 99.5 -> 73.3). Its copies gave each lane one key row, so one warp instruction
+// touched 16 rows x 32 bytes: 16 separate L2 / DRAM requests and poor DRAM row locality. Instruction count
+// is not the whole speed: the access pattern of each warp instruction is what the memory system sees.
+// Hence the layout now (session 4):
+// - Copies: per instruction, consecutive lanes take consecutive 16-byte chunks of one key row, so one
+//   instruction reads whole rows (hdim 128: 2 rows of 256 bytes, as the old kernel; hdim 64: 4 x 128;
+//   256: 1 x 512; 96 / 192 in two power-of-two segments). A lane's copies are rows r0 + (32 / n) c of one
+//   chunk: shared offsets fold into the instructions; global ones cost one 64-bit add each (the row stride
+//   is a runtime value). Lane offsets are fixed for the loop (LaneCopies); the block's row pointer advances
+//   by a constant (contiguous) or follows the page table without a division (RowCursor, one page lookup
+//   per block ahead; a block spans two pages only when the left padding is not a multiple of 16).
+// - Scores: scale only, unless softcap / ALiBi / a window is on or the block runs past the sequence end
+//   (mask_scores; one uniform branch per block). Fully masked rows need no per-element select (the max
+//   used for the exponent is 0 while a row has seen nothing).
+// - The O rescale (64 multiplies) is skipped when no row of the warp saw its max grow (a warp vote).
+// Common path now (sm_90a, hdim 128, bf16; +64 when a row max grows): 271 instructions contiguous (128
+// registers), 328 paged (162 registers; three 70 KB CTAs per SM still fit). Not yet measured on a GPU.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4): A (16x16) rows g / g+8, columns
 // 2t, 2t+1 (+8); B (16x8) rows 2t, 2t+1 (+8), column g; C (16x8) rows g / g+8, columns 2t, 2t+1.
@@ -56,20 +75,6 @@ __device__ __forceinline__ SeqView seq_view(const DecodeArgs& a, int b) {
   s.sq = a.cu_seqlens_q ? a.cu_seqlens_q[b + 1] - a.cu_seqlens_q[b] : a.seqlen_q;
   s.cache_row = a.cache_batch_idx ? a.cache_batch_idx[b] : b;
   return s;
-}
-
-// (page or cache row, row inside it) of effective key j; page -1 when the key does not exist or its
-// index is out of range.
-__device__ __forceinline__ int2 key_location(const DecodeArgs& a, const SeqView& s, int b, int j) {
-  if (j >= s.sk) return {-1, 0};
-  const int pos = s.leftpad + j;
-  if (a.block_table == nullptr) {
-    const bool ok = s.cache_row >= 0 && s.cache_row < a.cache_batch && pos < a.capacity;
-    return {ok ? s.cache_row : -1, pos};
-  }
-  const int blk = pos / a.page_size;
-  const int page = blk < a.max_blocks ? a.block_table[b * a.block_table_stride + blk] : -1;
-  return {(page >= 0 && page < a.cache_batch) ? page : -1, pos - blk * a.page_size};
 }
 
 // What one CTA computes: rows [row0, row0 + rows) of KV head hk of sequence b, over key blocks
@@ -178,9 +183,10 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
   MmaOp<Element>::type::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2], d[3]);
 }
 
-// 16-byte global -> shared copy that bypasses L1 (zero-filled when !ok).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool ok) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+// 16-byte global -> shared copy that bypasses L1 (zero-filled when !ok); dst: a shared-window address, so
+// that constant offsets fold into the instruction.
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* gmem, bool ok) {
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -210,62 +216,315 @@ __device__ __forceinline__ void load_q(const DecodeArgs& a, const CtaWork& w, El
   }
 }
 
-// One warp's running softmax state over its rows g and g + 8 (thread-local fragments).
+// One warp's running softmax state over its rows g and g + 8 (thread-local fragments). m_run: running max
+// of the scores in the log2 domain; l_run: this thread's share of the row sum (the quad adds them up at the
+// end, merge_warps).
 template <int kHeadDim>
 struct WarpState {
   float acc[kHeadDim / 8][4];
   float m_run[2], l_run[2];
 };
 
-// The warp's key blocks: K / V through a private cp.async pipeline, online softmax, O += P V.
+// ----------------------------------------------------------------------------------------------------
+// Key rows of a warp's blocks. Per copy instruction, consecutive lanes take consecutive 16-byte chunks of
+// the same key row, so one instruction of the warp reads whole rows (hdim 128: two rows of 256 bytes). A
+// row of kChunks chunks is cut into power-of-two segments of at most 32 chunks (hdim 192: 16 + 8); in a
+// segment of n chunks lane l copies chunk l % n of rows l / n + (32 / n) c, a constant stride apart from
+// one row pointer (and at constant offsets in shared memory). A cursor walks the warp's blocks (kWarpStride keys apart); it is advanced right after a
+// block is issued, so a page-table load has a whole block of compute to land.
+// ----------------------------------------------------------------------------------------------------
+
+constexpr int kWarpStride = kDecodeWarps * kDecodeBlock;
+
+// Where the 16 rows of one block live. Row r < split is at k1 + r * k_rb, a row r >= split (a block that
+// crosses a page boundary) at k2 + r * k_rb; rows at or past `limit` (the sequence end) and rows of a bad
+// page (ok1 / ok2 false) are zero-filled. The same for V.
+struct BlockRows {
+  const char* k1;
+  const char* v1;
+  const char* k2;
+  const char* v2;
+  int64_t k_rb, v_rb;
+  int split, limit;
+  bool ok1, ok2;
+};
+
+template <bool kPaged>
+struct RowCursor;
+
+// Contiguous cache: one cache row per sequence; the block's row pointers advance by a constant.
+template <>
+struct RowCursor<false> {
+  const char* k = nullptr;  // row 0 of the current block, plus the lane's offset (LaneCopies)
+  const char* v = nullptr;
+  int64_t k_rb = 0, v_rb = 0;  // bytes between key rows
+  int j = 0, sk = 0;           // first key of the block, keys of the sequence
+  bool seq_ok = false;
+
+  template <typename Element>
+  __device__ __forceinline__ void init(const DecodeArgs& a, const CtaWork& w, int j0, int64_t k_lane, int64_t v_lane) {
+    seq_ok = w.s.cache_row >= 0 && w.s.cache_row < a.cache_batch;
+    const int64_t row = seq_ok ? w.s.cache_row : 0, pos = w.s.leftpad + j0;
+    k = reinterpret_cast<const char*>(static_cast<const Element*>(a.k) + row * a.k_batch + pos * a.k_row +
+                                      w.hk * a.k_head) + k_lane;
+    v = reinterpret_cast<const char*>(static_cast<const Element*>(a.v) + row * a.v_batch + pos * a.v_row +
+                                      w.hk * a.v_head) + v_lane;
+    k_rb = a.k_row * int64_t(sizeof(Element));
+    v_rb = a.v_row * int64_t(sizeof(Element));
+    j = j0;
+    sk = w.s.sk;
+  }
+  __device__ __forceinline__ bool whole() const { return j + kDecodeBlock <= sk; }
+  template <bool kWhole>
+  __device__ __forceinline__ BlockRows rows() const {
+    return {k, v, k, v, k_rb, v_rb, kDecodeBlock, sk - j, seq_ok, seq_ok};
+  }
+  __device__ __forceinline__ void advance() {
+    j += kWarpStride;
+    k += kWarpStride * k_rb;
+    v += kWarpStride * v_rb;
+  }
+};
+
+// Paged cache: (table column, row in page) of the block's first key advance without a division; the
+// page(s) of the next block are loaded ahead (-1: no such key or a bad page index, zero-filled). A block
+// spans two pages only when the left padding is not a multiple of 16 (page sizes are).
+template <>
+struct RowCursor<true> {
+  const char* k0 = nullptr;  // page 0, row 0, plus the lane's offset (LaneCopies)
+  const char* v0 = nullptr;
+  int64_t k_page = 0, v_page = 0, k_rb = 0, v_rb = 0;
+  const int32_t* entry = nullptr;  // block_table[b][col]
+  int page_size = 0, max_blocks = 0, pages = 0;
+  int j = 0, sk = 0, col = 0, prow = 0, page = -1, page2 = -1;
+
+  template <typename Element>
+  __device__ __forceinline__ void init(const DecodeArgs& a, const CtaWork& w, int j0, int64_t k_lane, int64_t v_lane) {
+    constexpr int64_t kBytes = sizeof(Element);
+    k0 = reinterpret_cast<const char*>(static_cast<const Element*>(a.k) + w.hk * a.k_head) + k_lane;
+    v0 = reinterpret_cast<const char*>(static_cast<const Element*>(a.v) + w.hk * a.v_head) + v_lane;
+    k_page = a.k_batch * kBytes, v_page = a.v_batch * kBytes;
+    k_rb = a.k_row * kBytes, v_rb = a.v_row * kBytes;
+    page_size = a.page_size, max_blocks = a.max_blocks, pages = a.cache_batch;
+    j = j0;
+    sk = w.s.sk;
+    const int pos = w.s.leftpad + j0;
+    col = pos / page_size;
+    prow = pos - col * page_size;
+    entry = a.block_table + w.b * a.block_table_stride + col;
+    lookup();
+  }
+  __device__ __forceinline__ int load_page(int dj, int dcol) const {
+    if (j + dj >= sk || col + dcol >= max_blocks) return -1;
+    const int p = __ldg(entry + dcol);
+    return p >= 0 && p < pages ? p : -1;
+  }
+  __device__ __forceinline__ void lookup() {
+    const int split = page_size - prow;
+    page = load_page(0, 0);
+    page2 = split < kDecodeBlock ? load_page(split, 1) : -1;
+  }
+  __device__ __forceinline__ bool whole() const { return prow + kDecodeBlock <= page_size && j + kDecodeBlock <= sk; }
+  // kWhole: whole() holds, the second page is not needed.
+  template <bool kWhole>
+  __device__ __forceinline__ BlockRows rows() const {
+    const int split = page_size - prow;
+    const unsigned p1 = max(page, 0), r = prow;  // unsigned: no sign extension in the products
+    BlockRows b{k0 + p1 * k_page + r * k_rb, v0 + p1 * v_page + r * v_rb, nullptr, nullptr,
+                k_rb, v_rb, split, sk - j, page >= 0, page2 >= 0};
+    if constexpr (!kWhole) {
+      const unsigned p2 = max(page2, 0);
+      b.k2 = k0 + p2 * k_page - split * k_rb;
+      b.v2 = v0 + p2 * v_page - split * v_rb;
+    }
+    return b;
+  }
+  __device__ __forceinline__ void advance() {
+    j += kWarpStride;
+    prow += kWarpStride;
+    while (prow >= page_size) prow -= page_size, ++col, ++entry;
+    lookup();
+  }
+};
+
+// Segments of a row of `left` chunks: powers of two of at most 32 chunks (one warp instruction each).
+constexpr int segment_chunks(int left) { return left >= 32 ? 32 : left >= 16 ? 16 : left >= 8 ? 8 : 4; }
+constexpr int segments(int left) { return left <= 0 ? 0 : 1 + segments(left - segment_chunks(left)); }
+
+// The lane's part of each segment, fixed for the whole loop: its first row r0 and chunk ch there, as
+// byte offsets from a block's row 0 in the cache (k_off, v_off) and in a stage (s_off); ok: ch lies
+// inside head_dim (always, unless the kernel is padded). The cursor's pointers include segment 0's
+// cache offsets, so that rebase() leaves the other segments' offsets relative to it.
 template <int kHeadDim, typename Element>
+struct LaneCopies {
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kSegs = segments(kChunks);
+  static constexpr int kRowBytes = Traits<kHeadDim>::kRowElems * sizeof(Element);
+  static_assert(kChunks % 4 == 0, "head dim must be a multiple of 32 bytes");
+  int64_t k_off[kSegs], v_off[kSegs];
+  unsigned s_off[kSegs];
+  int r0[kSegs];
+  bool ok[kSegs];
+
+  __device__ __forceinline__ void init(int lane, int64_t k_rb, int64_t v_rb, int head_dim) {
+    int begin = 0;
+#pragma unroll
+    for (int s = 0; s < kSegs; ++s) {
+      const int n = segment_chunks(kChunks - begin), ch = begin + lane % n;
+      r0[s] = lane / n;
+      k_off[s] = r0[s] * k_rb + ch * 16;
+      v_off[s] = r0[s] * v_rb + ch * 16;
+      s_off[s] = r0[s] * kRowBytes + ch * 16;
+      ok[s] = ch * 8 < head_dim;
+      begin += n;
+    }
+  }
+  __device__ __forceinline__ void rebase() {
+#pragma unroll
+    for (int s = kSegs - 1; s >= 0; --s) k_off[s] -= k_off[0], v_off[s] -= v_off[0];
+  }
+};
+
+// Segment kSeg (chunks [kBegin, kBegin + kLeft) of the rows) of one block into a stage (k_s / v_s: shared
+// addresses of row 0, chunk 0 there), then the rest. kWhole: all 16 rows in one page and in the sequence.
+template <int kSeg, int kBegin, int kLeft, bool kWhole, typename Plan>
+__device__ __forceinline__ void issue_rows(const BlockRows& b, const Plan& p, unsigned k_s, unsigned v_s) {
+  constexpr int kN = segment_chunks(kLeft), kR = 32 / kN;  // chunks per row here, rows per instruction
+  constexpr int kRowBytes = Plan::kRowBytes;
+  const char* k = b.k1 + p.k_off[kSeg];
+  const char* v = b.v1 + p.v_off[kSeg];
+  const unsigned kd = k_s + p.s_off[kSeg], vd = v_s + p.s_off[kSeg];
+#pragma unroll
+  for (int c = 0; c < kDecodeBlock / kR; ++c) {
+    if constexpr (kWhole) {
+      cp_async_16(kd + kR * c * kRowBytes, k + kR * c * b.k_rb, p.ok[kSeg] && b.ok1);
+      cp_async_16(vd + kR * c * kRowBytes, v + kR * c * b.v_rb, p.ok[kSeg] && b.ok1);
+    } else {
+      const int r = p.r0[kSeg] + kR * c;
+      const bool second = r >= b.split;
+      const bool ok = p.ok[kSeg] && r < b.limit && (second ? b.ok2 : b.ok1);
+      const char* ks = (second ? b.k2 : b.k1) + p.k_off[kSeg] + kR * c * b.k_rb;
+      const char* vs = (second ? b.v2 : b.v1) + p.v_off[kSeg] + kR * c * b.v_rb;
+      cp_async_16(kd + kR * c * kRowBytes, ks, ok);
+      cp_async_16(vd + kR * c * kRowBytes, vs, ok);
+    }
+  }
+  if constexpr (kLeft > kN) issue_rows<kSeg + 1, kBegin + kN, kLeft - kN, kWhole>(b, p, k_s, v_s);
+}
+
+// The block's K and V rows into a stage (k_s: its shared address); the cursor says where they are.
+template <int kHeadDim, typename Element, typename Cursor>
+__device__ __forceinline__ void issue_block(const Cursor& cur, const LaneCopies<kHeadDim, Element>& p, unsigned k_s) {
+  using T = Traits<kHeadDim>;
+  const unsigned v_s = k_s + T::kBlock * T::kRowElems * sizeof(Element);
+  if (cur.whole()) {
+    issue_rows<0, 0, T::kChunks, true>(cur.template rows<true>(), p, k_s, v_s);
+  } else {
+    issue_rows<0, 0, T::kChunks, false>(cur.template rows<false>(), p, k_s, v_s);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Scores and the online softmax of one block
+// ----------------------------------------------------------------------------------------------------
+
+// The general form of the scores (log2 domain): softcap, ALiBi, the window and the end of the sequence;
+// invisible keys -inf. j0: key of element (nt = 0, e = 0) of this thread.
+__device__ __forceinline__ void mask_scores(const DecodeArgs& a, float (&sc)[2][4], int j0, const int (&diag)[2],
+                                            const float (&slope)[2], int sk) {
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int hr = i / 2, j = j0 + 8 * nt + i % 2;
+      const bool visible = j < sk && (a.window_right < 0 || j <= diag[hr] + a.window_right) &&
+                           (a.window_left < 0 || j >= diag[hr] - a.window_left);
+      float x = sc[nt][i] * a.scale;
+      if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
+      x = x * kLog2e - slope[hr] * fabsf(float(diag[hr] - j));
+      sc[nt][i] = visible ? x : -INFINITY;
+    }
+  }
+}
+
+// sc (log2 domain) -> P = exp2(sc - m_new), with the running max / sum / O of the rows updated. A row
+// with nothing visible yet keeps m = -inf and exponentiates against 0. The O rescale (64 multiplies at
+// hdim 128) is skipped when no row of the warp saw its max grow, the common case after a few blocks.
+template <int kHeadDim>
+__device__ __forceinline__ void online_softmax(float (&sc)[2][4], WarpState<kHeadDim>& st) {
+  float alpha[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float mx = fmaxf(fmaxf(sc[0][2 * hr], sc[0][2 * hr + 1]), fmaxf(sc[1][2 * hr], sc[1][2 * hr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(st.m_run[hr], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    alpha[hr] = exp2f(st.m_run[hr] - m_use);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float& x = sc[i / 2][2 * hr + i % 2];
+      x = exp2f(x - m_use);
+      sum += x;
+    }
+    st.l_run[hr] = st.l_run[hr] * alpha[hr] + sum;
+    st.m_run[hr] = m_new;
+  }
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) st.acc[nt][i] *= alpha[i / 2];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The warp's main loop
+// ----------------------------------------------------------------------------------------------------
+
+// The warp's key blocks: K / V through a private cp.async pipeline, online softmax, O += P V.
+template <int kHeadDim, typename Element, bool kPaged>
 __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, Element* q_s, Element* kv_s,
                                        WarpState<kHeadDim>& st) {
   using T = Traits<kHeadDim>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
   const int span = w.k_end - w.k_begin;
   const int my_blocks = span > warp ? (span - warp + T::kWarps - 1) / T::kWarps : 0;
+  const int first_key = (w.k_begin + warp) * T::kBlock;
 
-  // This thread's two accumulator rows: g and g + 8.
-  int diag[2];
+  // The scores need the general form (mask_scores) for these features or a block past the sequence end.
+  const bool general = a.softcap > 0.f || a.alibi != nullptr || a.window_left >= 0 || a.window_right >= 0;
+  const float scale_log2 = a.scale * kLog2e;
+  int diag[2];  // this thread's accumulator rows g and g + 8: the key of the diagonal, ALiBi slope
   float slope[2];
-  bool row_ok[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int r = g + 8 * hr;
     const RowRef ref = row_ref(a, w, r);
-    row_ok[hr] = r < w.rows;
     diag[hr] = ref.i + w.offset;
-    slope[hr] = (a.alibi && row_ok[hr]) ? a.alibi[w.b * a.alibi_batch_stride + ref.h] * kLog2e : 0.f;
+    slope[hr] = (a.alibi && r < w.rows) ? a.alibi[w.b * a.alibi_batch_stride + ref.h] * kLog2e : 0.f;
   }
 
-  Element* my_kv = kv_s + warp * T::kStages * T::kStageElems;
-  const Element* kg = static_cast<const Element*>(a.k) + w.hk * a.k_head;
-  const Element* vg = static_cast<const Element*>(a.v) + w.hk * a.v_head;
-  auto block_key0 = [&](int n) { return (w.k_begin + warp + n * T::kWarps) * T::kBlock; };
-  auto locate = [&](int n) { return key_location(a, w.s, w.b, block_key0(n) + lane % T::kBlock); };
-  auto issue = [&](int stage, int2 loc) {  // lane l holds the location of row l % 16
-    Element* ks = my_kv + stage * T::kStageElems;
-    Element* vs = ks + T::kBlock * T::kRowElems;
-#pragma unroll
-    for (int c = lane; c < T::kBlock * T::kChunks; c += 32) {
-      const int row = c / T::kChunks, ch = c % T::kChunks;
-      const int page = __shfl_sync(0xffffffffu, loc.x, row), prow = __shfl_sync(0xffffffffu, loc.y, row);
-      const bool ok = page >= 0 && ch * 8 < a.head_dim;
-      const Element* ksrc = ok ? kg + page * a.k_batch + prow * a.k_row + ch * 8 : kg;
-      const Element* vsrc = ok ? vg + page * a.v_batch + prow * a.v_row + ch * 8 : vg;
-      cp_async_16(ks + row * T::kRowElems + ch * 8, ksrc, ok);
-      cp_async_16(vs + row * T::kRowElems + ch * 8, vsrc, ok);
-    }
+  LaneCopies<kHeadDim, Element> copies;
+  copies.init(lane, a.k_row * int64_t(sizeof(Element)), a.v_row * int64_t(sizeof(Element)), a.head_dim);
+  RowCursor<kPaged> cur;
+  cur.template init<Element>(a, w, first_key, copies.k_off[0], copies.v_off[0]);
+  copies.rebase();
+  Element* warp_kv = kv_s + warp * T::kStages * T::kStageElems;
+  const unsigned warp_kv_s = smem_addr(warp_kv);
+  auto issue = [&](int stage) {
+    issue_block<kHeadDim, Element>(cur, copies, warp_kv_s + stage * T::kStageElems * sizeof(Element));
+    cur.advance();
   };
 
-  // Prologue: the first stages are in flight before Q is loaded (by the caller, after this returns).
+  // Prologue: the first stages are in flight before Q is loaded.
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
-    if (s < my_blocks) issue(s, locate(s));
+    if (s < my_blocks) issue(s);
     cp_async_commit();
   }
-  int2 next_loc = T::kStages - 1 < my_blocks ? locate(T::kStages - 1) : int2{-1, 0};
   load_q<kHeadDim, Element>(a, w, q_s);
   __syncthreads();  // q_s
 
@@ -276,80 +535,45 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, El
   // ldmatrix row addresses: lane -> (matrix lane / 8, row lane % 8).
   const int lm = lane / 8, lr = lane % 8;
   const Element* q_frag = q_s + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
+  const int k_frag_off = (lr + 8 * (lm / 2)) * T::kRowElems + 8 * (lm % 2);
+  const int v_frag_off = T::kBlock * T::kRowElems + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
 
   for (int n = 0; n < my_blocks; ++n) {
     __syncwarp();  // every lane is done with the stage refilled below
     const int fill = n + T::kStages - 1;
-    if (fill < my_blocks) issue(fill % T::kStages, next_loc);
+    if (fill < my_blocks) issue(fill % T::kStages);
     cp_async_commit();
-    if (fill + 1 < my_blocks) next_loc = locate(fill + 1);
     cp_async_wait<T::kStages - 1>();
     __syncwarp();
-    const Element* ks = my_kv + (n % T::kStages) * T::kStageElems;
-    const Element* vs = ks + T::kBlock * T::kRowElems;
+    const Element* stage = warp_kv + (n % T::kStages) * T::kStageElems;
 
     // S = Q K^T: 16 rows x 16 keys (two n-tiles of 8 keys).
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    const Element* k_frag = ks + (lr + 8 * (lm / 2)) * T::kRowElems + 8 * (lm % 2);
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t qa[4], kb[4];
       ldsm_x4(q_frag + kk * 16, qa);
-      ldsm_x4(k_frag + kk * 16, kb);
+      ldsm_x4(stage + k_frag_off + kk * 16, kb);
       mma<Element>(sc[0], qa, kb[0], kb[1]);
       mma<Element>(sc[1], qa, kb[2], kb[3]);
     }
 
-    // Scale, softcap, ALiBi, mask (log2 domain); online softmax per row (a quad holds a row's 16 keys).
-    const int key0 = block_key0(n);
+    const int key0 = first_key + n * kWarpStride;
+    if (general || key0 + T::kBlock > w.s.sk) {
+      mask_scores(a, sc, key0 + 2 * t4, diag, slope, w.s.sk);
+    } else {
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = key0 + 8 * nt + 2 * t4 + e;
-          const bool visible = row_ok[hr] && j < w.s.sk && (a.window_right < 0 || j <= diag[hr] + a.window_right) &&
-                               (a.window_left < 0 || j >= diag[hr] - a.window_left);
-          float x = sc[nt][2 * hr + e] * a.scale;
-          if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
-          x = x * kLog2e - slope[hr] * fabsf(float(diag[hr] - j));
-          sc[nt][2 * hr + e] = visible ? x : -INFINITY;
-          mx = fmaxf(mx, sc[nt][2 * hr + e]);
-        }
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(st.m_run[hr], mx);
-      const float alpha = m_new == -INFINITY ? 1.f : exp2f(st.m_run[hr] - m_new);
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = sc[nt][2 * hr + e];
-          x = x == -INFINITY ? 0.f : exp2f(x - m_new);
-          sum += x;
-        }
-      }
-      st.l_run[hr] = st.l_run[hr] * alpha + sum;
-      st.m_run[hr] = m_new;
-#pragma unroll
-      for (int nt = 0; nt < kHeadDim / 8; ++nt) {
-        st.acc[nt][2 * hr] *= alpha;
-        st.acc[nt][2 * hr + 1] *= alpha;
-      }
+      for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] *= scale_log2;
     }
+    online_softmax<kHeadDim>(sc, st);
 
     // O += P V: P (16 x 16 keys) is the A operand straight from the S fragments.
     const uint32_t pa[4] = {pack2(sc[0][0], sc[0][1], Element()), pack2(sc[0][2], sc[0][3], Element()),
                             pack2(sc[1][0], sc[1][1], Element()), pack2(sc[1][2], sc[1][3], Element())};
-    const Element* v_frag = vs + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
 #pragma unroll
     for (int np = 0; np < kHeadDim / 16; ++np) {
       uint32_t vb[4];
-      ldsm_x4_trans(v_frag + np * 16, vb);
+      ldsm_x4_trans(stage + v_frag_off + np * 16, vb);
       mma<Element>(st.acc[2 * np], pa, vb[0], vb[1]);
       mma<Element>(st.acc[2 * np + 1], pa, vb[2], vb[3]);
     }
@@ -501,7 +725,7 @@ __device__ __forceinline__ void merge_splits(const DecodeArgs& a, const CtaWork&
 // The kernel and its launch
 // ----------------------------------------------------------------------------------------------------
 
-template <int kHeadDim, typename Element>
+template <int kHeadDim, typename Element, bool kPaged>
 __global__ void __launch_bounds__(Traits<kHeadDim>::kThreads) decode_kernel(const DecodeArgs a) {
   using T = Traits<kHeadDim>;
   extern __shared__ __align__(16) char smem[];
@@ -512,29 +736,35 @@ __global__ void __launch_bounds__(Traits<kHeadDim>::kThreads) decode_kernel(cons
   const CtaWork w = cta_work(a);
   if (w.rows <= 0) return;  // the same for every CTA of (b, blockIdx.x): no merge is waiting on it
   WarpState<kHeadDim> st;
-  attend<kHeadDim, Element>(a, w, q_s, reinterpret_cast<Element*>(scratch), st);
+  attend<kHeadDim, Element, kPaged>(a, w, q_s, reinterpret_cast<Element*>(scratch), st);
   merge_warps<kHeadDim>(st, stats, reinterpret_cast<float*>(scratch));
   store_result<kHeadDim, Element>(a, w, stats, reinterpret_cast<const float*>(scratch));
   if (a.num_splits > 1) merge_splits<kHeadDim, Element>(a, w, stats, reinterpret_cast<float*>(scratch));
 }
 
 // Dynamic shared memory above 48 KB.
-template <int kHeadDim, typename Element>
+template <int kHeadDim, typename Element, bool kPaged>
 cudaError_t configure() {
-  return cudaFuncSetAttribute(decode_kernel<kHeadDim, Element>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  return cudaFuncSetAttribute(decode_kernel<kHeadDim, Element, kPaged>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               Traits<kHeadDim>::kSmemBytes);
 }
 
-template <int kHeadDim, typename Element>
-Status DecodeKernel<kHeadDim, Element>::run(const DecodeArgs& a, cudaStream_t stream) {
+template <int kHeadDim, typename Element, bool kPaged>
+Status launch(const DecodeArgs& a, cudaStream_t stream) {
   using T = Traits<kHeadDim>;
-  cudaError_t err = configure<kHeadDim, Element>();
+  cudaError_t err = configure<kHeadDim, Element, kPaged>();
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel setup: ") + cudaGetErrorString(err));
   const dim3 grid(ctas_per_split(a), a.num_splits, a.batch);
-  decode_kernel<kHeadDim, Element><<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
+  decode_kernel<kHeadDim, Element, kPaged><<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel launch: ") + cudaGetErrorString(err));
   return Status::Ok();
+}
+
+// Paged and contiguous caches have their own kernels (RowCursor).
+template <int kHeadDim, typename Element>
+Status DecodeKernel<kHeadDim, Element>::run(const DecodeArgs& a, cudaStream_t stream) {
+  return a.block_table ? launch<kHeadDim, Element, true>(a, stream) : launch<kHeadDim, Element, false>(a, stream);
 }
 
 // Cached per process (the first device that asks; a launch-plan hint only, never a correctness input).
@@ -544,8 +774,8 @@ int DecodeKernel<kHeadDim, Element>::ctas_per_sm() {
   static std::atomic<int> known{0};
   int n = known.load(std::memory_order_relaxed);
   if (n > 0) return n;
-  if (configure<kHeadDim, Element>() != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<kHeadDim, Element>, T::kThreads,
+  if (configure<kHeadDim, Element, false>() != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<kHeadDim, Element, false>, T::kThreads,
                                                     T::kSmemBytes) != cudaSuccess) {
     cudaGetLastError();  // clear the error so that the next launch reports its own
     return 0;

@@ -1,6 +1,5 @@
 // The sm90 door (cuda/sm90/sm90_api.h): what the Hopper kernels serve, and the dispatch to the
 // per-(head dim, dtype) kernels compiled into this build.
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -112,19 +111,8 @@ Status run_if_built(const ForwardParams& p, const FwdTile& tile, bool* ran) {
   return Status::Ok();
 }
 
-// The FP8 kernel is off unless FLASH_ATTENTION_EXPERIMENTAL_FP8=1: its first GPU run (H200) failed
-// cases (an illegal instruction at Sq = 1 causal, LSE error above the test bound); see NOTES.md.
-bool fp8_enabled() {
-  const char* v = std::getenv("FLASH_ATTENTION_EXPERIMENTAL_FP8");
-  return v != nullptr && std::string(v) == "1";
-}
-
 // What FP8 needs beyond the rest: dense inputs, head_dim % 16 (16-byte TMA rows of e4m3).
 std::string fp8_reason(const ForwardParams& p) {
-  if (!fp8_enabled()) {
-    return "sm90 path: the float8_e4m3 forward is experimental and off (not yet correct on every shape); "
-           "set FLASH_ATTENTION_EXPERIMENTAL_FP8=1 to try it";
-  }
   if (p.is_varlen()) return "sm90 path: float8_e4m3 does not support varlen (cu_seqlens)";
   if (p.head_dim % 16 != 0) {
     return "sm90 path: float8_e4m3 needs head_dim % 16 == 0 (got " + std::to_string(p.head_dim) + ")";

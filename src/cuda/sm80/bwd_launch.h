@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "cuda/sm80/bwd_api.h"
 #include "cuda/sm80/bwd_kernel.h"
@@ -21,6 +22,12 @@ template <class E> struct BwdTile<96, E> { using T = BwdTraits<E, 96, 64, 128, 8
 template <class E> struct BwdTile<128, E> { using T = BwdTraits<E, 128, 64, 128, 8, 2, 4, 2, 2>; };
 template <class E> struct BwdTile<192, E> { using T = BwdTraits<E, 192, 64, 64, 8, 4, 2, 2, 2>; };
 template <class E> struct BwdTile<256, E> { using T = BwdTraits<E, 256, 64, 64, 8, 4, 2, 2, 1>; };
+
+// The tile used where the GPU allows more shared memory per block than A100's 164 KB (H100/H200: 227 KB):
+// head dim 256 then double-buffers Q (176 KB), so the next Q block loads while this one computes
+// (H200, bf16 fwd+bwd: +4-7 % dense, -6..+4 % causal, benchmarks/NOTES.md).
+template <int kHeadDim, class Element> struct BwdTileWide { using T = typename BwdTile<kHeadDim, Element>::T; };
+template <class E> struct BwdTileWide<256, E> { using T = BwdTraits<E, 256, 64, 64, 8, 4, 2, 2, 2>; };
 
 inline Status cuda_status(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::Ok();
@@ -49,24 +56,10 @@ Status launch_main(const BwdKernelParams& p, cudaStream_t stream) {
   return cuda_status(cudaGetLastError(), "main kernel launch");
 }
 
-template <int kHeadDim, class Element, bool kDropout>
-Status run_bwd(BwdKernelParams p, BwdWorkspace workspace, void* stream_ptr) {
-  using Traits = typename BwdTile<kHeadDim, Element>::T;
-  auto stream = static_cast<cudaStream_t>(stream_ptr);
-  int device = 0, num_sms = 0, smem_optin = 0;
-  FA_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&device), "cudaGetDevice"));
-  FA_RETURN_IF_ERROR(cuda_status(
-      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device), "attribute"));
-  FA_RETURN_IF_ERROR(cuda_status(
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-      "attribute"));
-  if (smem_optin < Traits::kSmemBytes) {
-    return Status::NotSupported("backward: head_dim " + std::to_string(kHeadDim) + " needs " +
-                                std::to_string(Traits::kSmemBytes) +
-                                " bytes of shared memory per block; this GPU allows " +
-                                std::to_string(smem_optin));
-  }
-
+template <class Traits, bool kDropout>
+Status run_bwd_tile(BwdKernelParams p, BwdWorkspace workspace, cudaStream_t stream, int num_sms) {
+  constexpr int kHeadDim = Traits::kHeadDim;
+  using Element = typename Traits::Element;
   // Workspace: dsum (lse layout, rounded to 16 bytes) | dq_accum (splits, H, q_rows, kHeadDim).
   p.q_rows = p.cu_seqlens_q ? p.total_q : int64_t(p.batch) * p.seqlen_q;
   p.num_splits = p.deterministic ? deterministic_splits(p, Traits::kBlockN, num_sms) : 1;
@@ -103,6 +96,30 @@ Status run_bwd(BwdKernelParams p, BwdWorkspace workspace, void* stream_ptr) {
     if (status.ok()) status = freed;
   }
   return status;
+}
+
+template <int kHeadDim, class Element, bool kDropout>
+Status run_bwd(BwdKernelParams p, BwdWorkspace workspace, void* stream_ptr) {
+  using Traits = typename BwdTile<kHeadDim, Element>::T;
+  using Wide = typename BwdTileWide<kHeadDim, Element>::T;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  int device = 0, num_sms = 0, smem_optin = 0;
+  FA_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&device), "cudaGetDevice"));
+  FA_RETURN_IF_ERROR(cuda_status(
+      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device), "attribute"));
+  FA_RETURN_IF_ERROR(cuda_status(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+      "attribute"));
+  if constexpr (!std::is_same_v<Traits, Wide>) {
+    if (smem_optin >= Wide::kSmemBytes) return run_bwd_tile<Wide, kDropout>(p, workspace, stream, num_sms);
+  }
+  if (smem_optin < Traits::kSmemBytes) {
+    return Status::NotSupported("backward: head_dim " + std::to_string(kHeadDim) + " needs " +
+                                std::to_string(Traits::kSmemBytes) +
+                                " bytes of shared memory per block; this GPU allows " +
+                                std::to_string(smem_optin));
+  }
+  return run_bwd_tile<Traits, kDropout>(p, workspace, stream, num_sms);
 }
 
 }  // namespace flash_attention::sm80

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cmath>
 #include <string>
 
@@ -14,8 +15,13 @@
 
 namespace flash_attention::sm90 {
 
-// Strides of a size-1 mode never matter; give them a TMA-legal value (16 bytes).
-inline int64_t tma_stride(int64_t stride, int64_t extent) { return extent <= 1 ? 8 : stride; }
+// Strides of a size-1 mode never matter; give them a TMA-legal value: 16 bytes. (A fixed 8 elements
+// was 16 bytes for 16-bit types but 8 for e4m3, and the FP8 maps of Sq = 1, Sk = 1, heads_k = 1 or
+// batch = 1 failed to encode.)
+template <class Element>
+int64_t tma_stride(int64_t stride, int64_t extent) {
+  return extent <= 1 ? int64_t(16 / sizeof(Element)) : stride;
+}
 
 template <class Traits>
 typename Traits::GmemTensor gmem_view(const void* ptr, const TensorStrides& st, int64_t rows,
@@ -23,9 +29,46 @@ typename Traits::GmemTensor gmem_view(const void* ptr, const TensorStrides& st, 
   using Element = typename Traits::Element;
   auto shape = make_shape(int32_t(std::max<int64_t>(rows, 1)), int32_t(head_dim), int32_t(heads),
                           int32_t(batch));
-  auto stride = make_stride(tma_stride(st.row, rows), _1{}, tma_stride(st.head, heads),
-                            tma_stride(st.batch, batch));
+  auto stride = make_stride(tma_stride<Element>(st.row, rows), _1{}, tma_stride<Element>(st.head, heads),
+                            tma_stride<Element>(st.batch, batch));
   return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), shape, stride);
+}
+
+// Host checks of a TMA map. CuTe's make_tma_copy does not report a failed cuTensorMapEncodeTiled: it
+// prints the descriptor to stderr and returns it zero-filled, and a kernel launched with it faults
+// (the FP8 illegal instruction of issue #5). So each view is checked against the driver's rules
+// before encoding, and each descriptor after.
+//
+// Our views have four dynamic modes, which CuTe maps one to one onto the map's dimensions. Rules:
+// base 16-byte aligned; extents in [1, 2^32]; every mode but the unit-stride one a byte stride that is
+// a multiple of 16 and below 2^40. `modes` names the view's modes for the message.
+template <class Tensor>
+std::string tma_view_reason(const char* name, const Tensor& t, const char* const (&modes)[4]) {
+  const int64_t elem = int64_t(sizeof(typename Tensor::value_type));
+  const std::string map = std::string("sm90 forward: TMA map of ") + name + ": ";
+  if (reinterpret_cast<uintptr_t>(raw_pointer_cast(t.data())) % 16 != 0) return map + "base address is not 16-byte aligned";
+  const int64_t extents[4] = {get<0>(t.shape()), get<1>(t.shape()), get<2>(t.shape()), get<3>(t.shape())};
+  const int64_t strides[4] = {get<0>(t.stride()), int64_t(get<1>(t.stride())), get<2>(t.stride()), get<3>(t.stride())};
+  for (int i = 0; i < 4; ++i) {
+    const std::string mode = map + modes[i] + " ";
+    if (extents[i] < 1 || extents[i] > (int64_t(1) << 32)) {
+      return mode + "extent " + std::to_string(extents[i]) + " is outside [1, 2^32]";
+    }
+    if (i == 1) continue;  // the contiguous mode (GmemStride's _1): its stride is implicit
+    const int64_t bytes = strides[i] * elem;
+    if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t(1) << 40)) {
+      return mode + "stride of " + std::to_string(bytes) + " bytes is not a positive multiple of 16 below 2^40";
+    }
+  }
+  return "";
+}
+
+// After make_tma_copy: a descriptor left all zero is one the driver refused to encode.
+template <class Tma>
+bool tma_encoded(const Tma& tma) {
+  const auto* words = reinterpret_cast<const uint64_t*>(tma.get_tma_descriptor());
+  constexpr int kWords = int(sizeof(TmaDescriptor) / sizeof(uint64_t));
+  return std::any_of(words, words + kWords, [](uint64_t w) { return w != 0; });
 }
 
 inline FwdArgs make_fwd_args(const ForwardParams& p) {
@@ -96,6 +139,9 @@ struct VSource {
   typename Traits::GmemShape shape;
 };
 
+constexpr const char* kRowModes[4] = {"row", "head_dim", "head", "batch"};
+constexpr const char* kVtModes[4] = {"head_dim", "key", "head", "batch"};
+
 template <class Traits>
 Status launch_kernel(const ForwardParams& p, const VSource<Traits>& v) {
   using Params = typename Traits::Params;
@@ -103,22 +149,39 @@ Status launch_kernel(const ForwardParams& p, const VSource<Traits>& v) {
   const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
   const int64_t rows_k = varlen ? p.total_k : p.seqlen_k;
   const int batch = varlen ? 1 : p.batch;
+  FwdArgs args = make_fwd_args(p);
+  int grid = 0;
+  FA_RETURN_IF_ERROR(schedule(p, Traits::kBlockM, args, &grid));
+  if (grid == 0) return Status::Ok();
+  const auto q = gmem_view<Traits>(p.q, p.q_strides, rows_q, p.head_dim, p.num_heads, batch);
+  const auto k = gmem_view<Traits>(p.k, p.k_strides, rows_k, p.head_dim, p.num_heads_k, batch);
+  for (const std::string& why : {tma_view_reason("q", q, kRowModes), tma_view_reason("k", k, kRowModes),
+                                 Traits::kFp8 ? tma_view_reason("the V^T workspace", v.tensor, kVtModes)
+                                              : tma_view_reason("v", v.tensor, kRowModes)}) {
+    if (!why.empty()) return Status::InvalidArgument(why);
+  }
 
   Params params{
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Traits>(p.q, p.q_strides, rows_q, p.head_dim, p.num_heads, batch),
-                    typename Traits::SmemLayoutQ{}, select<0, 2>(typename Traits::TileQK{}), _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Traits>(p.k, p.k_strides, rows_k, p.head_dim, p.num_heads_k, batch),
-                    take<0, 2>(typename Traits::SmemLayoutKV{}), select<1, 2>(typename Traits::TileQK{}), _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, q, typename Traits::SmemLayoutQ{}, select<0, 2>(typename Traits::TileQK{}), _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, k, take<0, 2>(typename Traits::SmemLayoutKV{}),
+                    select<1, 2>(typename Traits::TileQK{}), _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, v.tensor, take<0, 2>(typename Traits::SmemLayoutVLoad{}),
                     typename Traits::TileV{}, _1{}),
       make_shape(int32_t(std::max<int64_t>(rows_q, 1)), int32_t(p.head_dim), int32_t(p.num_heads), int32_t(batch)),
       make_shape(int32_t(std::max<int64_t>(rows_k, 1)), int32_t(p.head_dim), int32_t(p.num_heads_k), int32_t(batch)),
       v.shape,
-      make_fwd_args(p)};
+      args};
+  // A map over no rows (varlen with total_q or total_k = 0, maybe a null pointer) is never read.
+  const bool q_read = rows_q > 0, kv_read = rows_k > 0;
+  const char* refused = q_read && !tma_encoded(params.tma_q)    ? "q"
+                        : kv_read && !tma_encoded(params.tma_k) ? "k"
+                        : kv_read && !tma_encoded(params.tma_v) ? (Traits::kFp8 ? "the V^T workspace" : "v")
+                                                                : nullptr;
+  if (refused != nullptr) {
+    return Status::Internal(std::string("sm90 forward: cuTensorMapEncodeTiled refused the TMA map of ") + refused +
+                            " (it passed the host checks); the kernel was not launched");
+  }
 
-  int grid = 0;
-  FA_RETURN_IF_ERROR(schedule(p, Traits::kBlockM, params.args, &grid));
-  if (grid == 0) return Status::Ok();
   auto kernel = fwd_kernel<Traits>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (err == cudaSuccess) {

@@ -11,7 +11,9 @@ over graph replays / calls. Ours runs with check_indices=False (the per-call ind
 
   PYTHONPATH=python FLASH_ATTENTION_LIBRARY=build/<name>/_C.so python3 benchmarks/bench_decode.py
 Rows go to benchmarks/results/<gpu>_decode.csv (--out to change the folder); a summary per point (ours
-against the fastest torch implementation) is printed last.
+against the fastest torch implementation) is printed last. `--splits 1 2 4 ...` also times ours with each
+explicit num_splits (impl flash_attention-splits<N>), the sweep the split rule in src/cuda/kvcache.cu is
+fitted to.
 """
 import argparse
 import csv
@@ -75,8 +77,9 @@ def make_sets(impl, batch, seqlen):
 
 def call(impl, inputs, flex):
     q, k, v, seqlens = inputs
-    if impl == "flash_attention":
-        return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, check_indices=False)
+    if impl.startswith("flash_attention"):
+        splits = int(impl.partition("-splits")[2] or 0)
+        return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=splits, check_indices=False)
     if impl == "flex":
         return flex(q, k, v, enable_gqa=True)
     with sdpa_kernel(SDPA[impl]):
@@ -126,7 +129,7 @@ def summary(results, bandwidth):
     print(f"\n{'batch':>5} {'seqlen':>7} {'ours GB/s':>9} {'% copy':>7} {'best torch':>15} {'GB/s':>6} {'speedup':>7}")
     for (batch, seqlen), times in results.items():
         ours = times.get("flash_attention")
-        others = {impl: ms for impl, ms in times.items() if impl != "flash_attention"}
+        others = {impl: ms for impl, ms in times.items() if not impl.startswith("flash_attention")}
         if ours is None or not others:
             continue
         best = min(others, key=others.get)
@@ -142,8 +145,10 @@ def main():
     parser.add_argument("--impls", nargs="+", default=["flash_attention", *SDPA, "flex"])
     parser.add_argument("--flex-budget", type=float, default=90.0, help="seconds of flex compilation allowed")
     parser.add_argument("--math-max-gb", type=float, default=2.0, help="largest KV (GB) given to sdpa-math")
+    parser.add_argument("--splits", type=int, nargs="*", default=[], help="also time ours with these num_splits")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    args.impls += [f"flash_attention-splits{n}" for n in args.splits]
 
     flex = None
     if "flex" in args.impls:
@@ -163,7 +168,7 @@ def main():
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         flex_spent = 0.0
-        print(f"{'batch':>5} {'seqlen':>7} {'impl':>16} {'ms':>9} {'GB/s':>7} {'% copy':>7}")
+        print(f"{'batch':>5} {'seqlen':>7} {'impl':>24} {'ms':>9} {'GB/s':>7} {'% copy':>7}")
         for batch in args.batch:
             for seqlen in args.seqlen:
                 nbytes = kv_bytes(batch, seqlen)
@@ -180,7 +185,7 @@ def main():
                         continue
                     results.setdefault((batch, seqlen), {})[impl] = ms
                     rate = nbytes / (ms * 1e-3)
-                    print(f"{batch:>5} {seqlen:>7} {impl:>16} {ms:9.4f} {rate / 1e9:7.0f} {100 * rate / bandwidth:6.1f}%",
+                    print(f"{batch:>5} {seqlen:>7} {impl:>24} {ms:9.4f} {rate / 1e9:7.0f} {100 * rate / bandwidth:6.1f}%",
                           flush=True)
                     writer.writerow(row(gpu, impl, batch, seqlen, ms))
                     f.flush()

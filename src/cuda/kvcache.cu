@@ -299,14 +299,15 @@ Plan make_plan(const KVCacheParams& p) {
   // over 1 split across two runs), so the time model below picks it, keeping kMinBlocksMany blocks per split (B = 64, 1k keys:
   // one split, 9 % faster than two).
   constexpr int64_t kMinBlocks = 8, kMinBlocksMany = 64;
-  const int64_t fill = device_sm_count() / (int64_t(plan.ctas_per_split) * p.batch);
+  const int64_t sms = device_sm_count();
+  const int64_t fill = sms / (int64_t(plan.ctas_per_split) * p.batch);
   if (fill >= 2) {
     plan.splits = fewest(int(std::min<int64_t>({fill, std::max<int64_t>(1, blocks / kMinBlocks), max_splits})));
     return plan;
   }
   int per_sm = 0;
   with_kernel(p.dtype, p.head_dim, [&](auto kernel) { per_sm = decltype(kernel)::ctas_per_sm(); });
-  const int64_t slots = int64_t(device_sm_count()) * std::max(per_sm, 1);
+  const int64_t slots = sms * std::max(per_sm, 1);
   const int most = int(std::min<int64_t>(max_splits, std::max<int64_t>(1, blocks / kMinBlocksMany)));
   double best = 1e300;
   for (int s = 1; s <= most; ++s) {

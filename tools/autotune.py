@@ -6,7 +6,7 @@
 
 For every (head-dim specialisation, dtype, masked) it times each built config on the FlashAttention
 sweep shapes (benchmarks/bench_gpu.py: batch * seqlen = 16k tokens, hidden 2048) and keeps the one with
-the best geometric-mean TFLOP/s. The rows of this GPU's arch in src/cuda/sm80/tile_table.h are replaced
+the best geometric-mean TFLOP/s. The measured rows of this GPU's arch in src/cuda/sm80/tile_table.h are replaced
 (rows of other archs stay). With --results, the sweep is also written as a benchmark CSV in which the
 "flash_attention" rows are the chosen configs' measurements (what the rebuilt default runs).
 --from-csv re-analyses an earlier `bench_gpu.py --configs all` CSV instead of timing.
@@ -59,7 +59,8 @@ def rewrite_table(path, arch, best, gpu):
     head, rest = text.split(BEGIN, 1)
     body, tail = rest.split(END, 1)
     rows = {(int(a), int(h), d, m == "true"): c for a, h, d, m, c in ROW.findall(body)}
-    rows = {k: v for k, v in rows.items() if k[0] != arch}
+    # Measured keys replace their rows; rows of this arch that were not measured (another dtype or head
+    # dim in an earlier sweep) stay.
     for (hdim, dtype, masked), (cfg, _) in best.items():
         rows[(arch, specialisation(hdim), DTYPE_ENUM[dtype], masked)] = cfg
     lines = [BEGIN, f"// sm{arch} rows measured on {gpu} by tools/autotune.py; other rows are unmeasured guesses.",

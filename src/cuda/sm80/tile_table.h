@@ -46,10 +46,16 @@ inline constexpr DefaultTile kDefaultTiles[] = {
     {80, 256, DType::kFloat16, true, "sm80:m64n32w4s2"},
     {90, 64, DType::kBFloat16, false, "sm80:m128n64w4s2"},
     {90, 64, DType::kBFloat16, true, "sm80:m128n64w4s2"},
+    {90, 64, DType::kFloat16, false, "sm80:m128n64w4s2"},
+    {90, 64, DType::kFloat16, true, "sm80:m128n64w4s2"},
     {90, 128, DType::kBFloat16, false, "sm80:m128n32w4s2"},
     {90, 128, DType::kBFloat16, true, "sm80:m128n32w4s2"},
+    {90, 128, DType::kFloat16, false, "sm80:m128n32w4s2"},
+    {90, 128, DType::kFloat16, true, "sm80:m128n32w4s2"},
     {90, 256, DType::kBFloat16, false, "sm80:m128n64w8s2"},
     {90, 256, DType::kBFloat16, true, "sm80:m128n64w8s2"},
+    {90, 256, DType::kFloat16, false, "sm80:m128n64w8s2"},
+    {90, 256, DType::kFloat16, true, "sm80:m128n64w8s2"},
 };
 // END DEFAULT TILES
 

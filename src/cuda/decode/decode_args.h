@@ -58,12 +58,17 @@ struct DecodeArgs {
   float* out_accum = nullptr;
   float* lse_accum = nullptr;
   int32_t* counters = nullptr;
+  // sm90, num_splits <= kMaxClusterSplits: the splits of one (b, tile) run as one thread block cluster and
+  // merge through distributed shared memory (no partials, no counters).
+  bool cluster = false;
 };
+
+constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 
 constexpr int kDecodeRows = 16;      // packed query rows per head (the m of mma.m16n8k16)
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeBlock = 16;     // keys per warp step
-constexpr int kMaxSplits = 128;      // the merge keeps (splits x rows) weights in shared memory
+constexpr int kMaxSplits = 128;      // split-KV parts of one launch
 
 inline int row_tiles(const DecodeArgs& a) {
   return (a.seqlen_q * (a.heads / a.heads_k) + kDecodeRows - 1) / kDecodeRows;

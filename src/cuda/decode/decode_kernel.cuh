@@ -5,7 +5,9 @@
 // barrier per block): a private 2-stage cp.async pipeline of 16-byte loads (K and V rows of its block),
 // S = Q K^T and O += P V with mma.sync, and an online softmax on the accumulator fragments. At the end the
 // warps merge their (max, sum, O) through shared memory in a fixed order; the CTA writes the output + lse
-// (one split) or fp32 partials, and the last CTA of the splits to arrive merges those (merge_splits).
+// (one split), or its split is merged with the others: through distributed shared memory when the splits
+// form one cluster (sm90, at most 8 splits: merge_cluster), else through fp32 partials that the last CTA
+// of the splits to arrive merges (merge_splits).
 //
 // Measured on H200 (benchmarks/results/h200_decode_diag.csv): a warp needed about 1.75 us per block of 16
 // keys whatever else ran on its SM, which matched the SM's issue rate at ~900 instructions per block with
@@ -31,6 +33,11 @@
 // registers), 328 paged (162 registers; three 70 KB CTAs per SM still fit). H200, same split counts as
 // before: 76-103 % of copy bandwidth at B*Sk >= 64k (was 60-100 %), 0.63-0.96x cuDNN (was 0.58-0.92x).
 //
+// Session 4 (H200, benchmarks/NOTES.md): with few CTAs (small batch) a warp's time per block is the latency of
+// its dependent chain, not memory: 4 pipeline stages at one CTA per SM changed nothing (so there are 2),
+// while Q held in registers and two accumulator chains for S made B = 64 2-8 % faster (two runs). A CTA over one
+// block of 16 keys takes 4.4 us (launch, sequence lengths, Q / K / V loads, merge, store).
+//
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4): A (16x16) rows g / g+8, columns
 // 2t, 2t+1 (+8); B (16x8) rows 2t, 2t+1 (+8), column g; C (16x8) rows g / g+8, columns 2t, 2t+1.
 #pragma once
@@ -41,6 +48,7 @@
 #include <atomic>
 #include <string>
 
+#include <cooperative_groups.h>
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
@@ -134,15 +142,15 @@ struct Traits {
   static constexpr int kBlock = kDecodeBlock;
   // Per warp. Two stages keep 16-byte loads far beyond what HBM latency needs in flight, and at hdim 128
   // (70 KB per CTA) let three CTAs reside per SM instead of two: a warp's speed is bound by its own
-  // instruction latencies, so throughput follows the number of resident warps.
+  // instruction latencies, so throughput follows the number of resident warps. (Measured, session 4:
+  // 4 stages at one CTA per SM changed no small-batch time by more than 2 %.)
   static constexpr int kStages = 2;
   static constexpr int kChunks = kHeadDim / 8;              // 16-byte chunks per row
   static constexpr int kRowElems = kHeadDim + 8;            // +16 bytes: ldmatrix rows hit distinct banks
   static constexpr int kStageElems = 2 * kBlock * kRowElems;  // K then V
   static constexpr int kKVBytes = kWarps * kStages * kStageElems * 2;
   static constexpr int kMergeBytes = kWarps * kRows * kHeadDim * 4;           // warps' O, after the loop
-  static constexpr int kWeightBytes = kMaxSplits * kRows * 4;                  // split weights, at the end
-  static constexpr int kScratchBytes = cmax(kKVBytes, cmax(kMergeBytes, kWeightBytes));
+  static constexpr int kScratchBytes = cmax(kKVBytes, kMergeBytes);
   // Statistics: per warp (max, sum) of its 16 rows, the merged (max, sum), the last-arrival flag.
   static constexpr int kStatFloats = 2 * kWarps * kRows + 2 * kRows + 4;
   static constexpr int kQBytes = kRows * kRowElems * 2;
@@ -482,6 +490,31 @@ __device__ __forceinline__ void online_softmax(float (&sc)[2][4], WarpState<kHea
 // The warp's main loop
 // ----------------------------------------------------------------------------------------------------
 
+// The A fragments of Q for every k-slice: held in registers for the whole loop up to hdim 128 (32
+// registers), read from shared memory per block above (the O accumulators need the registers there).
+template <int kHeadDim, bool kHold = (kHeadDim <= 128)>
+struct QFragments {
+  uint32_t r[kHeadDim / 16][4];
+  template <typename T>
+  __device__ __forceinline__ void load(const T* q_frag) {
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) ldsm_x4(q_frag + kk * 16, r[kk]);
+  }
+  template <typename T>
+  __device__ __forceinline__ const uint32_t (&frag(const T*, int kk))[4] { return r[kk]; }
+};
+template <int kHeadDim>
+struct QFragments<kHeadDim, false> {
+  uint32_t r[4];
+  template <typename T>
+  __device__ __forceinline__ void load(const T*) {}
+  template <typename T>
+  __device__ __forceinline__ const uint32_t (&frag(const T* q_frag, int kk))[4] {
+    ldsm_x4(q_frag + kk * 16, r);
+    return r;
+  }
+};
+
 // The warp's key blocks: K / V through a private cp.async pipeline, online softmax, O += P V.
 template <int kHeadDim, typename Element, bool kPaged>
 __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, Element* q_s, Element* kv_s,
@@ -535,6 +568,8 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, El
   const Element* q_frag = q_s + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
   const int k_frag_off = (lr + 8 * (lm / 2)) * T::kRowElems + 8 * (lm % 2);
   const int v_frag_off = T::kBlock * T::kRowElems + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
+  QFragments<kHeadDim> q_regs;
+  q_regs.load(q_frag);
 
   for (int n = 0; n < my_blocks; ++n) {
     __syncwarp();  // every lane is done with the stage refilled below
@@ -545,16 +580,21 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, El
     __syncwarp();
     const Element* stage = warp_kv + (n % T::kStages) * T::kStageElems;
 
-    // S = Q K^T: 16 rows x 16 keys (two n-tiles of 8 keys).
+    // S = Q K^T: 16 rows x 16 keys (two n-tiles of 8 keys), the even and odd k-slices in separate
+    // accumulators (half the chain of dependent mma per block: a warp's time per block is latency).
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float sc_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t qa[4], kb[4];
-      ldsm_x4(q_frag + kk * 16, qa);
+      uint32_t kb[4];
       ldsm_x4(stage + k_frag_off + kk * 16, kb);
-      mma<Element>(sc[0], qa, kb[0], kb[1]);
-      mma<Element>(sc[1], qa, kb[2], kb[3]);
+      const uint32_t(&qa)[4] = q_regs.frag(q_frag, kk);
+      float(&acc)[2][4] = kk % 2 ? sc_odd : sc;
+      mma<Element>(acc[0], qa, kb[0], kb[1]);
+      mma<Element>(acc[1], qa, kb[2], kb[3]);
     }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] += sc_odd[i / 4][i % 4];
 
     const int key0 = first_key + n * kWarpStride;
     if (general || key0 + T::kBlock > w.s.sk) {
@@ -664,10 +704,12 @@ __device__ __forceinline__ void store_result(const DecodeArgs& a, const CtaWork&
 }
 
 // Split merge, run by the last CTA of the splits of (b, blockIdx.x) to arrive (an atomic counter orders
-// the arrivals; the partials are read back through L2 in split order, so the result is deterministic):
+// the arrivals). A thread merges 4 columns of one row over the splits, in split order (deterministic), as
+// an online softmax over the splits' (lse, O) pairs; it reads the lse and the partial O of 8 splits at once
+// (one L2 round trip per 8 splits, no block barrier):
 //   lse = log(sum_s exp(lse_s)),  out = sum_s exp(lse_s - lse) out_s.
 template <int kHeadDim, typename Element>
-__device__ __forceinline__ void merge_splits(const DecodeArgs& a, const CtaWork& w, float* stats, float* weights) {
+__device__ __forceinline__ void merge_splits(const DecodeArgs& a, const CtaWork& w, float* stats) {
   using T = Traits<kHeadDim>;
   int* last = reinterpret_cast<int*>(stats + T::kStatFloats - 4);
   __threadfence();  // this CTA's partials are visible device-wide before it counts itself in
@@ -677,46 +719,100 @@ __device__ __forceinline__ void merge_splits(const DecodeArgs& a, const CtaWork&
   if (!*last) return;
   __threadfence();
 
-  const int rows = w.rows, splits = a.num_splits;  // weights[s][r]
-  for (int e = threadIdx.x; e < splits * rows; e += T::kThreads) {
-    const RowRef ref = row_ref(a, w, e % rows);
-    weights[e] = __ldcg(a.lse_accum + (e / rows * a.total_rows + ref.row_g) * a.heads + ref.h);
-  }
-  __syncthreads();
-  if (threadIdx.x < rows) {
-    const int r = threadIdx.x;
-    float m = -INFINITY, sum = 0.f;
-    for (int s = 0; s < splits; ++s) m = fmaxf(m, weights[s * rows + r]);
-    for (int s = 0; s < splits; ++s) {
-      const float x = weights[s * rows + r];
-      const float e = x == -INFINITY ? 0.f : __expf(x - m);
-      weights[s * rows + r] = e;
-      sum += e;
-    }
-    for (int s = 0; s < splits; ++s) weights[s * rows + r] = m == -INFINITY ? 0.f : weights[s * rows + r] / sum;
-    const RowRef ref = row_ref(a, w, r);
-    a.lse[a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
-                         : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i] = m == -INFINITY ? INFINITY
-                                                                                                   : m + logf(sum);
-  }
-  __syncthreads();
+  constexpr int kChunk = 8;
   const int quads = a.head_dim / 4;
-  const int64_t split_stride = a.total_rows * a.heads * a.head_dim;
-  for (int e = threadIdx.x; e < rows * quads; e += T::kThreads) {
+  const int64_t o_split = a.total_rows * a.heads * a.head_dim, l_split = a.total_rows * a.heads;
+  for (int e = threadIdx.x; e < w.rows * quads; e += T::kThreads) {
     const int r = e / quads, d = e % quads * 4;
     const RowRef ref = row_ref(a, w, r);
-    const float* src = a.out_accum + (ref.row_g * a.heads + ref.h) * a.head_dim + d;
+    const float* lse_src = a.lse_accum + ref.row_g * a.heads + ref.h;
+    const float4* o_src = reinterpret_cast<const float4*>(a.out_accum + (ref.row_g * a.heads + ref.h) * a.head_dim + d);
+    float m = -INFINITY, sum = 0.f;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = 0; s < splits; ++s) {
-      const float wt = weights[s * rows + r];
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * split_stride));
-      o.x += wt * x.x, o.y += wt * x.y, o.z += wt * x.z, o.w += wt * x.w;
+    for (int s0 = 0; s0 < a.num_splits; s0 += kChunk) {
+      float lse[kChunk];
+      float4 x[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const bool ok = s0 + i < a.num_splits;
+        lse[i] = ok ? __ldcg(lse_src + (s0 + i) * l_split) : -INFINITY;
+        x[i] = ok ? __ldcg(o_src + (s0 + i) * (o_split / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (lse[i] == -INFINITY) continue;  // a split that saw no key (or past the last split)
+        const float m_new = fmaxf(m, lse[i]);
+        const float c_old = __expf(m - m_new), c_new = __expf(lse[i] - m_new);
+        sum = sum * c_old + c_new;
+        o.x = o.x * c_old + c_new * x[i].x, o.y = o.y * c_old + c_new * x[i].y;
+        o.z = o.z * c_old + c_new * x[i].z, o.w = o.w * c_old + c_new * x[i].w;
+        m = m_new;
+      }
     }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int64_t at = a.cu_seqlens_q ? ref.row_g * a.out_row : w.b * a.out_batch + ref.i * a.out_row;
     Element* dst = static_cast<Element*>(a.out) + at + ref.h * a.out_head + d;
-    store_float(dst, o.x), store_float(dst + 1, o.y), store_float(dst + 2, o.z), store_float(dst + 3, o.w);
+    store_float(dst, o.x * inv), store_float(dst + 1, o.y * inv);
+    store_float(dst + 2, o.z * inv), store_float(dst + 3, o.w * inv);
+    if (d == 0) {
+      a.lse[a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
+                           : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i] = sum > 0.f ? m + logf(sum)
+                                                                                             : INFINITY;
+    }
   }
+}
+
+// Split merge of a cluster launch (a.cluster; sm90): the splits of (b, blockIdx.x) are the CTAs of one
+// cluster, ranked by split. Each CTA first sums its warps' O (relative to its own row max) in place; after
+// a cluster barrier, CTA c merges elements c, c + S, ... (S = num_splits) of the (rows x head_dim) output
+// from every split's shared memory, in split order (deterministic), and rank 0 writes the lse. A second
+// barrier keeps each CTA's shared memory alive until its peers have read it.
+template <int kHeadDim, typename Element>
+__device__ __forceinline__ void merge_cluster(const DecodeArgs& a, const CtaWork& w, float* stats, float* merge) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using T = Traits<kHeadDim>;
+  constexpr int kRows = T::kRows;
+  const int d_len = a.head_dim;
+  for (int idx = threadIdx.x; idx < w.rows * d_len; idx += T::kThreads) {
+    const int r = idx / d_len, d = idx % d_len;
+    float o = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < T::kWarps; ++wi) o += merge[(wi * kRows + r) * kHeadDim + d];
+    merge[r * kHeadDim + d] = o;  // warp 0's slot: only this thread reads or writes (r, d)
+  }
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int splits = a.num_splits, rank = static_cast<int>(cluster.block_rank());
+  const float* m_local = stats + 2 * T::kWarps * kRows;  // merged (max, sum) of this CTA's rows
+  for (int idx = rank * T::kThreads + threadIdx.x; idx < w.rows * d_len; idx += splits * T::kThreads) {
+    const int r = idx / d_len, d = idx % d_len;
+    float m = -INFINITY, l = 0.f, o = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float* peer_stats = cluster.map_shared_rank(m_local, s);
+      const float ms = peer_stats[r];
+      if (ms == -INFINITY) continue;  // the split saw no key of this row
+      const float ls = peer_stats[kRows + r];
+      const float os = cluster.map_shared_rank(merge, s)[r * kHeadDim + d];
+      const float m_new = fmaxf(m, ms);
+      const float c_old = exp2f(m - m_new), c_new = exp2f(ms - m_new);
+      l = l * c_old + ls * c_new;
+      o = o * c_old + os * c_new;
+      m = m_new;
+    }
+    const RowRef ref = row_ref(a, w, r);
+    const int64_t at = a.cu_seqlens_q ? ref.row_g * a.out_row : w.b * a.out_batch + ref.i * a.out_row;
+    store_float(static_cast<Element*>(a.out) + at + ref.h * a.out_head + d, l > 0.f ? o / l : 0.f);
+    if (d == 0) {
+      a.lse[a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
+                           : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i] = l > 0.f ? m * kLn2 + logf(l)
+                                                                                             : INFINITY;
+    }
+  }
+  cluster.sync();
+#else
+  __trap();  // cluster launches are sm90-only (the host never asks for one elsewhere)
+#endif
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -728,7 +824,7 @@ __global__ void __launch_bounds__(Traits<kHeadDim>::kThreads) decode_kernel(cons
   using T = Traits<kHeadDim>;
   extern __shared__ __align__(16) char smem[];
   float* stats = reinterpret_cast<float*>(smem);
-  char* scratch = smem + T::kStatFloats * 4;  // K/V stages, then the warps' O, then the split weights
+  char* scratch = smem + T::kStatFloats * 4;  // K/V stages, then the warps' O
   Element* q_s = reinterpret_cast<Element*>(scratch + T::kScratchBytes);
 
   const CtaWork w = cta_work(a);
@@ -736,15 +832,19 @@ __global__ void __launch_bounds__(Traits<kHeadDim>::kThreads) decode_kernel(cons
   WarpState<kHeadDim> st;
   attend<kHeadDim, Element, kPaged>(a, w, q_s, reinterpret_cast<Element*>(scratch), st);
   merge_warps<kHeadDim>(st, stats, reinterpret_cast<float*>(scratch));
+  if (a.cluster) {
+    merge_cluster<kHeadDim, Element>(a, w, stats, reinterpret_cast<float*>(scratch));
+    return;
+  }
   store_result<kHeadDim, Element>(a, w, stats, reinterpret_cast<const float*>(scratch));
-  if (a.num_splits > 1) merge_splits<kHeadDim, Element>(a, w, stats, reinterpret_cast<float*>(scratch));
+  if (a.num_splits > 1) merge_splits<kHeadDim, Element>(a, w, stats);
 }
 
 // Dynamic shared memory above 48 KB.
 template <int kHeadDim, typename Element, bool kPaged>
 cudaError_t configure() {
-  return cudaFuncSetAttribute(decode_kernel<kHeadDim, Element, kPaged>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              Traits<kHeadDim>::kSmemBytes);
+  return cudaFuncSetAttribute(decode_kernel<kHeadDim, Element, kPaged>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, Traits<kHeadDim>::kSmemBytes);
 }
 
 template <int kHeadDim, typename Element, bool kPaged>
@@ -753,8 +853,22 @@ Status launch(const DecodeArgs& a, cudaStream_t stream) {
   cudaError_t err = configure<kHeadDim, Element, kPaged>();
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel setup: ") + cudaGetErrorString(err));
   const dim3 grid(ctas_per_split(a), a.num_splits, a.batch);
-  decode_kernel<kHeadDim, Element, kPaged><<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
-  err = cudaGetLastError();
+  if (a.cluster) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = dim3(T::kThreads);
+    config.dynamicSmemBytes = T::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute cluster;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1, cluster.val.clusterDim.y = a.num_splits, cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    err = cudaLaunchKernelEx(&config, decode_kernel<kHeadDim, Element, kPaged>, a);
+  } else {
+    decode_kernel<kHeadDim, Element, kPaged><<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
+    err = cudaGetLastError();
+  }
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel launch: ") + cudaGetErrorString(err));
   return Status::Ok();
 }

@@ -161,32 +161,38 @@ __forceinline__ __device__ bool tile_needs_mask(const MaskPolicy& mask, int i0, 
 // Raw scores S = Q K^T of one tile -> probabilities P, in place, recomputed as the forward did:
 // scale (or softcap), ALiBi, mask, exp(S - lse), in log2 units. `s`, `coord` and `dtanh` are
 // (row, col) views; coord holds tile-local (row, col). With softcap, dtanh gets 1 - tanh^2.
-template <bool kSoftcap, int kRows, class Scores, class Coords, class DTanh>
+// kPerElement: softcap, ALiBi or the mask (per-element work); otherwise the scale folds into the
+// exponent's FFMA.
+template <bool kSoftcap, bool kPerElement, int kRows, class Scores, class Coords, class DTanh>
 __device__ void scores_to_probs(const BwdKernelParams& p, const MaskPolicy& mask, bool masked, int i0, int j0,
                                 float slope_log2, Scores&& s, const Coords& coord, DTanh&& dtanh,
                                 const float (&lse_log2)[kRows]) {
-  CUTE_UNROLL
-  for (int e = 0; e < size(s); ++e) {
-    if constexpr (kSoftcap) {
-      const float th = tanhf(s(e) * (p.scale / p.softcap));
-      dtanh(e) = 1.f - th * th;
-      s(e) = th * (p.softcap * kLog2e);
-    } else {
-      s(e) *= p.scale_log2;
+  constexpr bool kScaleInExp = !kSoftcap && !kPerElement;
+  if constexpr (!kScaleInExp) {
+    CUTE_UNROLL
+    for (int e = 0; e < size(s); ++e) {
+      if constexpr (kSoftcap) {
+        const float th = tanhf(s(e) * (p.scale / p.softcap));
+        dtanh(e) = 1.f - th * th;
+        s(e) = th * (p.softcap * kLog2e);
+      } else {
+        s(e) *= p.scale_log2;
+      }
     }
   }
-  if (slope_log2 != 0.f) {
+  if constexpr (kPerElement) {
     CUTE_UNROLL
     for (int e = 0; e < size(s); ++e) {
       const int i = i0 + get<0>(coord(e)), j = j0 + get<1>(coord(e));
       s(e) -= slope_log2 * fabsf(float(i + mask.seqlen_k - mask.seqlen_q - j));
     }
+    if (masked) mask.apply(s, coord, i0, j0);
   }
-  if (masked) mask.apply(s, coord, i0, j0);
+  const float scale = kScaleInExp ? p.scale_log2 : 1.f;
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(s); ++c) s(r, c) = exp2f(s(r, c) - lse_log2[r]);
+    for (int c = 0; c < size<1>(s); ++c) s(r, c) = exp2f(s(r, c) * scale - lse_log2[r]);
   }
 }
 
@@ -222,36 +228,41 @@ __device__ void probs_to_grads(const BwdKernelParams& p, int64_t bh, int i0, int
   }
 }
 
-// dq_accum rows += acc (the (M, D) tile at dst, rows kHeadDim floats apart) for rows inside the
-// sequence, four adjacent columns at a time: in each m16n8 atom, lanes 2t and 2t+1 of a quad swap half
-// their values so that the even lane holds row g, columns 4t'..4t'+3 and the odd lane row g + 8.
-// Non-deterministic: fp32 atomics (many key blocks add to the same rows; 16-byte atomics on sm90).
-// Deterministic: this CTA owns its split, so plain adds in a fixed order.
-template <int kBlockM, int kHeadDim, class Acc, class ThrMma, class Coords>
+// dq_accum rows += acc, two adjacent columns (one 8-byte access) at a time; with kCheckRows only rows
+// < rows_left. kAtomic: fp32 atomics (many key blocks add to the same rows). Otherwise (deterministic)
+// this CTA owns its split, so plain adds in a fixed order.
+template <bool kAtomic, bool kCheckRows, class Dst, class Acc, class Coords>
+__device__ void add_dq_pairs(const Dst& g, const Acc& acc, const Coords& coord, int rows_left) {
+  CUTE_UNROLL
+  for (int e = 0; e < size(acc); e += 2) {  // acc(e), acc(e + 1): one row, adjacent columns
+    if (kCheckRows && get<0>(coord(e)) >= rows_left) continue;
+    auto* pair = reinterpret_cast<float2*>(&g(e));
+    if constexpr (kAtomic) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(pair, make_float2(acc(e), acc(e + 1)));
+#else
+      atomicAdd(&pair->x, acc(e)), atomicAdd(&pair->y, acc(e + 1));
+#endif
+    } else {
+      const float2 old = *pair;
+      *pair = make_float2(old.x + acc(e), old.y + acc(e + 1));
+    }
+  }
+}
+
+// dq_accum rows += acc (the (kBlockM, kCols) tile at dst, rows kHeadDim floats apart) for rows inside
+// the sequence.
+template <int kBlockM, int kCols, int kHeadDim, class Acc, class ThrMma, class Coords>
 __device__ void add_dq(float* dst, const Acc& acc, const ThrMma& thr, const Coords& coord, int rows_left,
                        bool deterministic) {
   Tensor g = thr.partition_C(
-      make_tensor(make_gmem_ptr(dst), Shape<Int<kBlockM>, Int<kHeadDim>>{}, Stride<Int<kHeadDim>, _1>{}));
-  const bool full = rows_left >= kBlockM;
-  const bool odd = threadIdx.x & 1;
-  CUTE_UNROLL
-  for (int e = 0; e < size(acc); e += 4) {  // acc(e .. e+3): (row g, cols c, c+1), (row g + 8, cols c, c+1)
-    const float r0 = __shfl_xor_sync(0xffffffffu, odd ? acc(e) : acc(e + 2), 1);
-    const float r1 = __shfl_xor_sync(0xffffffffu, odd ? acc(e + 1) : acc(e + 3), 1);
-    const float4 add = odd ? make_float4(r0, r1, acc(e + 2), acc(e + 3)) : make_float4(acc(e), acc(e + 1), r0, r1);
-    const int row = odd ? get<0>(coord(e + 2)) : get<0>(coord(e));
-    auto* quad = reinterpret_cast<float4*>(odd ? &g(e + 2) - 2 : &g(e));
-    if (!full && row >= rows_left) continue;
-    if (deterministic) {
-      const float4 old = *quad;
-      *quad = make_float4(old.x + add.x, old.y + add.y, old.z + add.z, old.w + add.w);
-    } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      atomicAdd(quad, add);
-#else
-      atomicAdd(&quad->x, add.x), atomicAdd(&quad->y, add.y), atomicAdd(&quad->z, add.z), atomicAdd(&quad->w, add.w);
-#endif
-    }
+      make_tensor(make_gmem_ptr(dst), Shape<Int<kBlockM>, Int<kCols>>{}, Stride<Int<kHeadDim>, _1>{}));
+  if (deterministic) {
+    add_dq_pairs<false, true>(g, acc, coord, rows_left);
+  } else if (rows_left >= kBlockM) {  // the common case: no per-row branch around each atomic
+    add_dq_pairs<true, false>(g, acc, coord, rows_left);
+  } else {
+    add_dq_pairs<true, true>(g, acc, coord, rows_left);
   }
 }
 
@@ -312,14 +323,22 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
   const QueryRange range = query_range(p, seq, n, M, N);
   const int blocks_per_head = max(range.end - range.begin, 0);
   const int steps = blocks_per_head * group;
-  auto step_head = [&](int step) { return hk * group + step / blocks_per_head; };
-  auto step_row0 = [&](int step) { return (range.begin + step % blocks_per_head) * M; };
+  // (query head, first row) of a step; steps walk the query blocks of each head of the group in turn.
+  struct StepPos {
+    int h, i0;
+  };
+  auto next_pos = [&](StepPos s) {
+    s.i0 += M;
+    if (s.i0 >= range.end * M) s = {s.h + 1, range.begin * M};
+    return s;
+  };
   const MaskPolicy mask{seq.seqlen_q, seq.seqlen_k, p.window_left, p.window_right};
   const BwdSmem<Traits> smem(smem_raw);
 
-  // Global -> shared.
-  typename Traits::GmemCopyAsync g2s;
-  typename Traits::GmemCopyAsyncZfill g2s_zfill;
+  // Global -> shared: always the zero-filling cp.async with a per-chunk predicate (row < rows_left,
+  // column < head_dim), one instruction per 16-byte chunk. (A branch between a plain and a predicated
+  // copy gets if-converted into both, issued back to back.)
+  typename Traits::GmemCopyAsyncZfill g2s;
   auto g2s_thr = g2s.get_thread_slice(tid);
   Tensor cQ = g2s_thr.partition_S(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
   Tensor cK = g2s_thr.partition_S(make_identity_tensor(Shape<Int<N>, Int<D>>{}));
@@ -327,18 +346,15 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
                   int rows_left) {
     Tensor g = make_tensor(make_gmem_ptr(static_cast<const Element*>(src) + offset), make_shape(rows, Int<D>{}),
                            make_stride(row_stride, _1{}));
-    const bool in_bounds = rows_left >= decltype(rows)::value && p.head_dim == D;
-    load_tile(g2s, g2s_zfill, g2s_thr.partition_S(g), g2s_thr.partition_D(dst), coord, rows_left, p.head_dim,
-              in_bounds);
+    copy_zfill(g2s, g2s_thr.partition_S(g), g2s_thr.partition_D(dst), coord, rows_left, p.head_dim);
   };
-  auto load_q = [&](int step) {
-    const int64_t offset = seq.q_base(b, p.q_batch, p.q_row) + step_row0(step) * p.q_row + step_head(step) * p.q_head;
-    load(p.q, offset, p.q_row, Int<M>{}, smem.Q(step % kQStages), cQ, seq.seqlen_q - step_row0(step));
+  auto load_q = [&](StepPos s, int stage) {
+    const int64_t offset = seq.q_base(b, p.q_batch, p.q_row) + s.i0 * p.q_row + s.h * p.q_head;
+    load(p.q, offset, p.q_row, Int<M>{}, smem.Q(stage), cQ, seq.seqlen_q - s.i0);
   };
-  auto load_do = [&](int step) {
-    const int64_t offset =
-        seq.q_base(b, p.do_batch, p.do_row) + step_row0(step) * p.do_row + step_head(step) * p.do_head;
-    load(p.dout, offset, p.do_row, Int<M>{}, smem.dO(), cQ, seq.seqlen_q - step_row0(step));
+  auto load_do = [&](StepPos s) {
+    const int64_t offset = seq.q_base(b, p.do_batch, p.do_row) + s.i0 * p.do_row + s.h * p.do_head;
+    load(p.dout, offset, p.do_row, Int<M>{}, smem.dO(), cQ, seq.seqlen_q - s.i0);
   };
 
   // Tensor-core operands: fragments and their shared-memory sources.
@@ -363,7 +379,9 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
   Tensor rdSt = thr_dkv.partition_fragment_A(smem.dSt());
   Tensor rQt = thr_dkv.partition_fragment_B(smem.Qt(0));
   Tensor rdS = thr_dq.partition_fragment_A(smem.dS());
-  Tensor rKt = thr_dq.partition_fragment_B(smem.Kt());
+  constexpr int kDqCols = Traits::kDqCols;
+  auto kt_chunk = [&](int c) { return local_tile(smem.Kt(), Shape<Int<kDqCols>, Int<N>>{}, make_coord(c, 0)); };
+  Tensor rKt = thr_dq.partition_fragment_B(kt_chunk(0));
   Tensor ssK = ld_b_sdp.get_thread_slice(tid).partition_S(smem.K());
   Tensor ssV = ld_b_sdp.get_thread_slice(tid).partition_S(smem.V());
   Tensor ssdO = ld_a_sdp.get_thread_slice(tid).partition_S(smem.dO());
@@ -371,7 +389,6 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
   Tensor ssdOt = ld_b_dkv.get_thread_slice(tid).partition_S(smem.dOt());
   Tensor ssdSt = ld_a_dkv.get_thread_slice(tid).partition_S(smem.dSt());
   Tensor ssdS = ld_a_dq.get_thread_slice(tid).partition_S(smem.dS());
-  Tensor ssKt = ld_b_dq.get_thread_slice(tid).partition_S(smem.Kt());
   auto st_pds = make_tiled_copy_C(typename Traits::SmemCopyAtomAccum{}, mma_sdp);
   auto st_pds_thr = st_pds.get_thread_slice(tid);
   Tensor ssP_st = st_pds_thr.partition_D(smem.P());
@@ -379,7 +396,7 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
 
   // Tile-local (row, col) of this thread's accumulator elements.
   Tensor cS = rowcol(thr_sdp.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{})));
-  Tensor cdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
+  Tensor cdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<M>, Int<kDqCols>>{}));
   Tensor cdK = thr_dkv.partition_C(make_identity_tensor(Shape<Int<N>, Int<D>>{}));
   constexpr int kRows = decltype(size<0>(cS))::value;
 
@@ -390,19 +407,22 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
 
   __syncthreads();  // shared memory may still be read by this CTA's previous key block
   const int j0 = n * N;
+  const StepPos first{hk * group, range.begin * M};
   if (steps > 0) {
     load(p.k, seq.k_base(b, p.k_batch, p.k_row) + j0 * p.k_row + hk * p.k_head, p.k_row, Int<N>{}, smem.K(), cK,
          seq.seqlen_k - j0);
     load(p.v, seq.k_base(b, p.v_batch, p.v_row) + j0 * p.v_row + hk * p.v_head, p.v_row, Int<N>{}, smem.V(), cK,
          seq.seqlen_k - j0);
-    load_q(0);
+    load_q(first, 0);
     cp_async_fence();
-    load_do(0);
+    load_do(first);
     cp_async_fence();
   }
 
+  StepPos pos = first;
   for (int step = 0; step < steps; ++step) {
-    const int h = step_head(step), i0 = step_row0(step), stage = step % kQStages;
+    const int h = pos.h, i0 = pos.i0, stage = step % kQStages;
+    const StepPos next = next_pos(pos);
     const int64_t lse_base = seq.lse_base(p, b, h);
     float lse_log2[kRows], dsum[kRows];
     CUTE_UNROLL
@@ -416,7 +436,7 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
     cp_async_wait<0>();
     __syncthreads();
     if (kQStages > 1 && step + 1 < steps) {
-      load_q(step + 1);
+      load_q(next, (step + 1) % kQStages);
       cp_async_fence();
     }
 
@@ -430,7 +450,13 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
     gemm_smem<true>(acc_dp, rdO, rV, ssdO, ssV, mma_sdp, ld_a_sdp, ld_b_sdp);
 
     const bool masked = tile_needs_mask(mask, i0, j0, M, N);
-    scores_to_probs<kSoftcap>(p, mask, masked, i0, j0, slope_log2, rowcol(acc_s), cS, rowcol(dtanh), lse_log2);
+    // Softcap is per element anyway; with dropout, one scores path keeps the kernel's registers in check.
+    constexpr bool kPerElementAlways = kSoftcap || kDropout;
+    if (kPerElementAlways || masked || p.alibi_slopes != nullptr) {
+      scores_to_probs<kSoftcap, true>(p, mask, masked, i0, j0, slope_log2, rowcol(acc_s), cS, rowcol(dtanh), lse_log2);
+    } else {
+      scores_to_probs<kSoftcap, false>(p, mask, masked, i0, j0, slope_log2, rowcol(acc_s), cS, rowcol(dtanh), lse_log2);
+    }
     probs_to_grads<kDropout, kSoftcap>(p, int64_t(b) * p.num_heads + h, i0, j0, rowcol(acc_s), rowcol(acc_dp), cS,
                                        rowcol(dtanh), dsum);
     copy(st_pds, st_pds_thr.retile_S(convert_fragment<Element>(acc_s)), ssP_st);
@@ -440,23 +466,28 @@ __device__ void bwd_key_block(const BwdKernelParams& p, const SeqSpan& seq, int 
     gemm_smem<true>(acc_dv, rPt, rdOt, ssPt, ssdOt, mma_dkv, ld_a_dkv, ld_b_dkv);
     __syncthreads();  // dO is free: fetch the next one while dQ and dK compute
     if (step + 1 < steps) {
-      load_do(step + 1);
+      load_do(next);
       cp_async_fence();
     }
 
-    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<M>, Int<D>>{});
-    clear(acc_dq);
-    gemm_smem<true>(acc_dq, rdS, rKt, ssdS, ssKt, mma_dq, ld_a_dq, ld_b_dq);
     float* dq_rows = p.dq_accum + split * p.dq_accum_split_stride + (h * p.q_rows + seq.q_row0 + i0) * D;
-    add_dq<M, D>(dq_rows, acc_dq, thr_dq, cdQ, seq.seqlen_q - i0, p.deterministic);
+    CUTE_UNROLL
+    for (int c = 0; c < D / kDqCols; ++c) {
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<M>, Int<kDqCols>>{});
+      clear(acc_dq);
+      gemm_smem<true>(acc_dq, rdS, rKt, ssdS, ld_b_dq.get_thread_slice(tid).partition_S(kt_chunk(c)), mma_dq,
+                      ld_a_dq, ld_b_dq);
+      add_dq<M, kDqCols, D>(dq_rows + c * kDqCols, acc_dq, thr_dq, cdQ, seq.seqlen_q - i0, p.deterministic);
+    }
 
     gemm_smem<true>(acc_dk, rdSt, rQt, ssdSt, ld_b_dkv.get_thread_slice(tid).partition_S(smem.Qt(stage)), mma_dkv,
                     ld_a_dkv, ld_b_dkv);
     if (kQStages == 1 && step + 1 < steps) {
       __syncthreads();
-      load_q(step + 1);
+      load_q(next, 0);
       cp_async_fence();
     }
+    pos = next;
   }
 
   auto* dk = static_cast<Element*>(p.dk) + seq.k_base(b, p.dk_batch, p.dk_row) + j0 * p.dk_row + hk * p.dk_head;

@@ -37,6 +37,8 @@ struct BwdTraits : TileBase<Element_, kHeadDim_, kWarps_> {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNThreads = Base::kNThreads;
   static constexpr int kQStages = kQStages_;  // 2: the next Q block loads while this one computes
+  // dQ = dS K runs in column chunks of kDqCols so that fewer fp32 accumulators are live next to dK, dV.
+  static constexpr int kDqCols = kHeadDim >= 256 ? kHeadDim / 2 : kHeadDim;
   static_assert(kBlockM % 16 == 0 && kBlockN % 64 == 0 && kHeadDim % Base::kSmemRowElems == 0, "tile shape");
 
   using TiledMmaSdP = BwdTiledMma<Element, kWarps_, kAtomMSdP>;

@@ -2,9 +2,9 @@
 //
 //   prologue   Q and the first kStages-1 K/V tiles start streaming in (cp.async, one group each).
 //   main loop  key blocks from the right (the diagonal / bounds end, which needs the mask) to the left:
-//                wait K_n; issue the loads kStages-1 blocks ahead; S = Q K_n^T (ldmatrix + mma.sync);
-//                extras (softcap, ALiBi); mask (only on blocks that need it); online softmax;
-//                dropout; P -> 16 bit in registers; wait V_n; O += P V_n.
+//                wait K_n and V_n (V_0: just before its use), one barrier; issue the loads kStages-1
+//                blocks ahead; S = Q K_n^T (ldmatrix + mma.sync); extras (softcap, ALiBi); mask (only
+//                on blocks that need it); online softmax; dropout; P -> 16 bit in registers; O += P V_n.
 //   epilogue   O / rowsum -> smem -> 16-byte coalesced stores; LSE per row.
 // A CTA whose rows see no key at all skips the loop and writes O = 0, LSE = +inf.
 #pragma once
@@ -20,6 +20,18 @@
 #include "cuda/sm80/utils.h"
 
 namespace flash_attention::sm80 {
+
+// Copies a tile whose rows are all in bounds, zero-filling the chunks of columns >= max_cols.
+// `coords` is the same partition of an identity tensor.
+template <class ZfillCopy, class Src, class Dst, class Coords>
+__device__ void load_full_rows(const ZfillCopy& zfill, const Src& src, Dst&& dst, const Coords& coords, int max_cols) {
+  CUTE_UNROLL
+  for (int k = 0; k < cute::size<2>(src); ++k) {
+    const bool ok = cute::get<1>(coords(0, 0, k)) < max_cols;
+    CUTE_UNROLL
+    for (int m = 0; m < cute::size<1>(src); ++m) cute::copy(zfill.with(ok), src(cute::_, m, k), dst(cute::_, m, k));
+  }
+}
 
 // Softcap and ALiBi on one block of scores (rows x cols views); row0 / col0 locate the block.
 template <class Scores, class Coords>
@@ -39,20 +51,34 @@ __device__ void apply_score_extras(Scores& s, const Coords& coords, const FwdArg
   }
 }
 
-// Zeroes dropped probabilities. Keys j, j+1 (j even) share one Philox draw.
+// Zeroes dropped probabilities. Keys 4t .. 4t + 3 share one Philox draw (word j % 4 for key j). In
+// the m16n8 accumulator layout lanes 2k and 2k + 1 hold the same row and the two halves (keys 4t, 4t + 1
+// and 4t + 2, 4t + 3) of every such group, so each lane of the pair computes every other draw and
+// hands its partner the two words the partner needs: half the Philox work, two shuffles per draw.
 template <class Probs, class Coords>
 __device__ void apply_dropout(Probs& p, const Coords& coords, const FwdArgs& args, int64_t bh, int row0, int col0) {
+  constexpr int kCols = decltype(cute::size<1>(p))::value;
+  static_assert(kCols % 4 == 0, "pairs of adjacent key pairs per row");
+  const bool odd = threadIdx.x & 1;
+  auto drop = [&](float& x, uint32_t word) {
+    if (philox_word_to_uniform(word) < args.dropout_p) x = 0.f;
+  };
   CUTE_UNROLL
   for (int r = 0; r < cute::size<0>(p); ++r) {
     const int64_t i = row0 + cute::get<0>(coords(r, 0));
     CUTE_UNROLL
-    for (int c = 0; c < cute::size<1>(p); c += 2) {
-      const int64_t j = col0 + cute::get<1>(coords(r, c));
+    for (int c = 0; c < kCols; c += 4) {  // key pairs (c, c + 1) and (c + 2, c + 3) of this lane
+      const int j_first = cute::get<1>(coords(r, c)), j_second = cute::get<1>(coords(r, c + 2));
+      const int64_t j = col0 + (odd ? j_second : j_first);  // the pair this lane draws for
       const Philox4 draw = dropout_block(args.philox_seed, args.philox_offset, bh, i, j >> 2);
-      const uint32_t w0 = (j & 2) ? draw.z : draw.x;
-      const uint32_t w1 = (j & 2) ? draw.w : draw.y;
-      if (philox_word_to_uniform(w0) < args.dropout_p) p(r, c) = 0.f;
-      if (philox_word_to_uniform(w1) < args.dropout_p) p(r, c + 1) = 0.f;
+      const bool high = j & 2;  // this lane's keys use words z, w; the partner's x, y (and vice versa)
+      const uint32_t own0 = high ? draw.z : draw.x, own1 = high ? draw.w : draw.y;
+      const uint32_t got0 = __shfl_xor_sync(0xffffffffu, high ? draw.x : draw.z, 1);
+      const uint32_t got1 = __shfl_xor_sync(0xffffffffu, high ? draw.y : draw.w, 1);
+      drop(p(r, c), odd ? got0 : own0);
+      drop(p(r, c + 1), odd ? got1 : own1);
+      drop(p(r, c + 2), odd ? own0 : got0);
+      drop(p(r, c + 3), odd ? own1 : got1);
     }
   }
 }
@@ -120,21 +146,35 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   Tensor tVsV = g2s_thr.partition_D(sV);
   Tensor tKcK = g2s_thr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
 
+  // K then V of the iter-th visited block, each its own cp.async group. Blocks are visited from the
+  // right, so only the first one (n_max - 1, loaded in the prologue) can have rows past seqlen_k; the
+  // others need a column predicate at most (padded head dims), which keeps the loop's loads short.
   const bool even_head_dim = args.head_dim == kHeadDim;
-  auto load_kv = [&](int iter) __attribute__((always_inline)) {  // K then V of the iter-th visited block, each its own cp.async group
+  auto k_next = tKgK(_, _, _, range.n_max - 1).data();  // this thread's first K / V element of the last load
+  auto v_next = tVgV(_, _, _, range.n_max - 1).data();
+  const auto k_copy_layout = tKgK.layout()(_, _, _, 0);  // (CPY, CPY_N, CPY_K) of one block
+  const auto v_copy_layout = tVgV.layout()(_, _, _, 0);
+  auto load_kv = [&](int iter, auto first) __attribute__((always_inline)) {
     if (iter < n_iters) {
       const int n_block = range.n_max - 1 - iter;
       const int slot = iter % kStages;
-      const int rows = seq.seqlen_k - n_block * kBlockN;
-      const bool in_bounds = even_head_dim && rows >= kBlockN;
-      load_tile(g2s, g2s_zfill, tKgK(_, _, _, n_block), tKsK(_, _, _, slot), tKcK, rows, args.head_dim, in_bounds);
-      cp_async_fence();
-      load_tile(g2s, g2s_zfill, tVgV(_, _, _, n_block), tVsV(_, _, _, slot), tKcK, rows, args.head_dim, in_bounds);
-      cp_async_fence();
+      if constexpr (decltype(first)::value) {
+        const int rows = seq.seqlen_k - n_block * kBlockN;
+        const bool in_bounds = even_head_dim && rows >= kBlockN;
+        load_tile(g2s, g2s_zfill, tKgK(_, _, _, n_block), tKsK(_, _, _, slot), tKcK, rows, args.head_dim, in_bounds);
+        cp_async_fence();
+        load_tile(g2s, g2s_zfill, tVgV(_, _, _, n_block), tVsV(_, _, _, slot), tKcK, rows, args.head_dim, in_bounds);
+      } else {
+        k_next = k_next + (-kBlockN * args.k_row_stride);  // pointer bumps: few registers live across blocks
+        v_next = v_next + (-kBlockN * args.v_row_stride);
+        load_full_rows(g2s_zfill, make_tensor(k_next, k_copy_layout), tKsK(_, _, _, slot), tKcK, args.head_dim);
+        cp_async_fence();
+        load_full_rows(g2s_zfill, make_tensor(v_next, v_copy_layout), tVsV(_, _, _, slot), tKcK, args.head_dim);
+      }
     } else {
       cp_async_fence();
-      cp_async_fence();
     }
+    cp_async_fence();
   };
 
   // Shared -> registers, tensor-core GEMMs.
@@ -168,8 +208,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   if (n_iters > 0) {
     load_tile(g2s, g2s_zfill, tQgQ, tQsQ, tQcQ, seq.seqlen_q - row0, args.head_dim, false);
     cp_async_fence();
+    load_kv(0, cute::true_type{});
     CUTE_UNROLL
-    for (int s = 0; s < kStages - 1; ++s) load_kv(s);
+    for (int s = 1; s < kStages - 1; ++s) load_kv(s, cute::false_type{});
     if constexpr (Traits::kQInRegs) {
       cp_async_wait<2 * (kStages - 1)>();
       __syncthreads();
@@ -183,9 +224,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     const int slot = iter % kStages;
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    cp_async_wait<2 * kStages - 3>();  // K of this block has landed (V may still be in flight)
-    __syncthreads();                   // ... for every thread; and everyone is done with block iter-1
-    load_kv(iter + kStages - 1);       // into the slot block iter-1 used
+    // K and V of this block have landed (they were issued together a whole block ago), for every
+    // thread; and every warp is done with block iter-1, whose slot the next load reuses. One barrier
+    // per block: the K/V slots are double-buffered. Only the first block waits for its V apart, after
+    // the S GEMM, so that the prologue's V load overlaps that GEMM.
+    if (iter == 0) {
+      cp_async_wait<2 * kStages - 3>();
+    } else {
+      cp_async_wait<2 * (kStages - 2)>();
+    }
+    __syncthreads();
+    load_kv(iter + kStages - 1, cute::false_type{});
     gemm_smem<!Traits::kQInRegs>(acc_s, tSrQ, tSrK, tSsQ, tSsK(_, _, _, slot), mma, s2r_q, s2r_k);
 
     Tensor s = rowcol(acc_s);
@@ -200,9 +249,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     }
     Tensor p = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(p.data(), acc_as_a_layout(p.layout()));
-
-    cp_async_wait<2 * (kStages - 1)>();  // V of this block
-    __syncthreads();
+    if (iter == 0) {
+      cp_async_wait<2 * (kStages - 1)>();
+      __syncthreads();
+    }
     gemm_rs(acc_o, tOrP, tOrVt, tOsVt(_, _, _, slot), mma, s2r_v);
   };
 
@@ -214,7 +264,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     }
   }
 
-  // Epilogue. Every thread passed the last V barrier after its last read of sQ, so sQ holds O now.
+  // Epilogue: O goes through sQ once every warp is done reading Q (the barrier below).
   float lse[kRows];
   const float out_scale = (kExtras && args.dropout_p > 0.f) ? args.dropout_rescale : 1.f;
   softmax.finalize(acc_o_rc, args.score_scale, out_scale, lse);
@@ -223,6 +273,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   Tensor sO = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
   auto r2s = make_tiled_copy_C(typename Traits::SmemCopyAtomAccum{}, mma);
   auto r2s_thr = r2s.get_thread_slice(tid);
+  __syncthreads();
   copy(r2s, r2s_thr.retile_S(rO), r2s_thr.partition_D(sO));
 
   float* lse_ptr = args.lse + seq.lse_offset(args, b, h);

@@ -14,6 +14,17 @@
 
 namespace flash_attention::sm80 {
 
+// Maximum of s(r, kFirst .. kFirst + kCount - 1), as a tree (a short dependency chain).
+template <int kFirst, int kCount, class Scores>
+__device__ __forceinline__ float row_max_tree(const Scores& s, int r) {
+  if constexpr (kCount == 1) {
+    return s(r, kFirst);
+  } else {
+    constexpr int kHalf = kCount / 2;
+    return fmaxf(row_max_tree<kFirst, kHalf>(s, r), row_max_tree<kFirst + kHalf, kCount - kHalf>(s, r));
+  }
+}
+
 template <int kRows>
 struct OnlineSoftmax {
   float row_max[kRows];
@@ -29,17 +40,21 @@ struct OnlineSoftmax {
 
   // Folds one block of scores (rows x cols view, overwritten by the unnormalised probabilities) into
   // the statistics and rescales the output accumulator rows. kCheckInf: rows may be fully masked so far.
+  // A row whose maximum did not change has correction 1; when no row of the warp changed (the common
+  // case after the first blocks of a long row) the output rescale is skipped altogether.
   template <bool kCheckInf, class Scores, class AccO>
   __device__ void update(Scores& s, AccO& o, float scale_log2) {
+    constexpr int kCols = decltype(cute::size<1>(s))::value;
+    float correction[kRows];
+    bool changed = false;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float block_max = row_max[r];
-      CUTE_UNROLL
-      for (int c = 0; c < cute::size<1>(s); ++c) block_max = fmaxf(block_max, s(r, c));
-      block_max = quad_allreduce(block_max, MaxOp{});
-      // A row with no visible key so far keeps max = -inf; use 0 so exp2 gives 0, not NaN.
-      const float max_scaled = (kCheckInf && block_max == -INFINITY) ? 0.f : block_max * scale_log2;
-      const float correction = exp2f(row_max[r] * scale_log2 - max_scaled);  // 0 on the first block
+      const float block_max = quad_allreduce(fmaxf(row_max[r], row_max_tree<0, kCols>(s, r)), MaxOp{});
+      changed |= block_max != row_max[r];
+      // A row with no visible key so far keeps max = -inf: use 0 so that exp2 gives 0, not NaN.
+      const bool empty = kCheckInf && block_max == -INFINITY;
+      const float max_scaled = empty ? 0.f : block_max * scale_log2;
+      correction[r] = empty ? 1.f : exp2f((row_max[r] - block_max) * scale_log2);  // 0 on the first block
       row_max[r] = block_max;
       float sum = 0.f;
       CUTE_UNROLL
@@ -47,9 +62,14 @@ struct OnlineSoftmax {
         s(r, c) = exp2f(s(r, c) * scale_log2 - max_scaled);
         sum += s(r, c);
       }
-      row_sum[r] = row_sum[r] * correction + sum;
+      row_sum[r] = row_sum[r] * correction[r] + sum;
+    }
+    if (__any_sync(0xffffffffu, changed)) {
       CUTE_UNROLL
-      for (int c = 0; c < cute::size<1>(o); ++c) o(r, c) *= correction;
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < cute::size<1>(o); ++c) o(r, c) *= correction[r];
+      }
     }
   }
 

@@ -271,6 +271,8 @@ struct Plan {
   int splits = 1;
   int ctas_per_split = 1;
   bool cluster = false;  // splits merged through distributed shared memory (DecodeArgs::cluster)
+  // Splits merged through fp32 partials and arrival counters in the workspace.
+  bool partials() const { return splits > 1 && !cluster; }
 };
 
 // Hopper: the splits of a tile run as one thread block cluster and merge through distributed shared memory
@@ -358,7 +360,7 @@ Workspace workspace_layout(const KVCacheParams& p, const Plan& plan) {
   Workspace w;
   std::size_t at = 0;
   if (p.has_rotary()) w.q_rot = at, at += round(elems * dtype_size(p.dtype));
-  if (plan.splits > 1 && !plan.cluster) {
+  if (plan.partials()) {
     w.out_accum = at, at += round(plan.splits * elems * 4);
     w.lse_accum = at, at += round(std::size_t(plan.splits) * total_rows(p) * p.num_heads * 4);
     w.counter_bytes = std::size_t(p.batch) * plan.ctas_per_split * 4;
@@ -418,7 +420,7 @@ Status run(const KVCacheParams& p, const Plan& plan, char* ws_base, const Worksp
     a.q = q_rot;
     a.q_head = p.head_dim, a.q_row = int64_t(p.num_heads) * p.head_dim, a.q_batch = p.seqlen_q * a.q_row;
   }
-  if (plan.splits > 1 && !plan.cluster) {
+  if (plan.partials()) {
     a.out_accum = reinterpret_cast<float*>(ws_base + ws.out_accum);
     a.lse_accum = reinterpret_cast<float*>(ws_base + ws.lse_accum);
     a.counters = reinterpret_cast<int32_t*>(ws_base + ws.counters);

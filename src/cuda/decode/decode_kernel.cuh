@@ -128,6 +128,15 @@ __device__ __forceinline__ RowRef row_ref(const DecodeArgs& a, const CtaWork& w,
   return ref;
 }
 
+// Element offset of the row's output (head included), and its index in softmax_lse.
+__device__ __forceinline__ int64_t out_offset(const DecodeArgs& a, const CtaWork& w, const RowRef& ref) {
+  return (a.cu_seqlens_q ? ref.row_g * a.out_row : w.b * a.out_batch + ref.i * a.out_row) + ref.h * a.out_head;
+}
+__device__ __forceinline__ int64_t lse_index(const DecodeArgs& a, const CtaWork& w, const RowRef& ref) {
+  return a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
+                        : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i;
+}
+
 // ----------------------------------------------------------------------------------------------------
 // Shared memory plan and small device helpers
 // ----------------------------------------------------------------------------------------------------
@@ -666,6 +675,15 @@ __device__ __forceinline__ void merge_warps(WarpState<kHeadDim>& st, float* stat
   __syncthreads();
 }
 
+// Element (r, d) of the CTA's O: the sum of the warps' rescaled parts in merge (merge_warps).
+template <int kHeadDim>
+__device__ __forceinline__ float warp_sum(const float* merge, int r, int d) {
+  float o = 0.f;
+#pragma unroll
+  for (int wi = 0; wi < kDecodeWarps; ++wi) o += merge[(wi * kDecodeRows + r) * kHeadDim + d];
+  return o;
+}
+
 // Writes the CTA's result: the output + lse (one split) or the fp32 partials of its split.
 template <int kHeadDim, typename Element>
 __device__ __forceinline__ void store_result(const DecodeArgs& a, const CtaWork& w, const float* stats,
@@ -677,15 +695,11 @@ __device__ __forceinline__ void store_result(const DecodeArgs& a, const CtaWork&
   const bool final = a.num_splits == 1;
   for (int idx = threadIdx.x; idx < w.rows * a.head_dim; idx += T::kThreads) {
     const int r = idx / a.head_dim, d = idx % a.head_dim;
-    float o = 0.f;
-#pragma unroll
-    for (int wi = 0; wi < T::kWarps; ++wi) o += merge[(wi * kRows + r) * kHeadDim + d];
     const float l = l_s[r];
-    o = l > 0.f ? o / l : 0.f;
+    const float o = l > 0.f ? warp_sum<kHeadDim>(merge, r, d) / l : 0.f;
     const RowRef ref = row_ref(a, w, r);
     if (final) {
-      const int64_t at = a.cu_seqlens_q ? ref.row_g * a.out_row : w.b * a.out_batch + ref.i * a.out_row;
-      store_float(static_cast<Element*>(a.out) + at + ref.h * a.out_head + d, o);
+      store_float(static_cast<Element*>(a.out) + out_offset(a, w, ref) + d, o);
     } else {
       a.out_accum[((w.split * a.total_rows + ref.row_g) * a.heads + ref.h) * a.head_dim + d] = o;
     }
@@ -695,8 +709,7 @@ __device__ __forceinline__ void store_result(const DecodeArgs& a, const CtaWork&
     const float l = l_s[threadIdx.x];
     const float lse = l > 0.f ? m_s[threadIdx.x] * kLn2 + logf(l) : (final ? INFINITY : -INFINITY);
     if (final) {
-      a.lse[a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
-                           : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i] = lse;
+      a.lse[lse_index(a, w, ref)] = lse;
     } else {
       a.lse_accum[(w.split * a.total_rows + ref.row_g) * a.heads + ref.h] = lse;
     }
@@ -750,15 +763,10 @@ __device__ __forceinline__ void merge_splits(const DecodeArgs& a, const CtaWork&
       }
     }
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int64_t at = a.cu_seqlens_q ? ref.row_g * a.out_row : w.b * a.out_batch + ref.i * a.out_row;
-    Element* dst = static_cast<Element*>(a.out) + at + ref.h * a.out_head + d;
+    Element* dst = static_cast<Element*>(a.out) + out_offset(a, w, ref) + d;
     store_float(dst, o.x * inv), store_float(dst + 1, o.y * inv);
     store_float(dst + 2, o.z * inv), store_float(dst + 3, o.w * inv);
-    if (d == 0) {
-      a.lse[a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
-                           : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i] = sum > 0.f ? m + logf(sum)
-                                                                                             : INFINITY;
-    }
+    if (d == 0) a.lse[lse_index(a, w, ref)] = sum > 0.f ? m + logf(sum) : INFINITY;
   }
 }
 
@@ -776,10 +784,7 @@ __device__ __forceinline__ void merge_cluster(const DecodeArgs& a, const CtaWork
   const int d_len = a.head_dim;
   for (int idx = threadIdx.x; idx < w.rows * d_len; idx += T::kThreads) {
     const int r = idx / d_len, d = idx % d_len;
-    float o = 0.f;
-#pragma unroll
-    for (int wi = 0; wi < T::kWarps; ++wi) o += merge[(wi * kRows + r) * kHeadDim + d];
-    merge[r * kHeadDim + d] = o;  // warp 0's slot: only this thread reads or writes (r, d)
+    merge[r * kHeadDim + d] = warp_sum<kHeadDim>(merge, r, d);  // warp 0's slot: only this thread uses (r, d)
   }
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
@@ -801,13 +806,8 @@ __device__ __forceinline__ void merge_cluster(const DecodeArgs& a, const CtaWork
       m = m_new;
     }
     const RowRef ref = row_ref(a, w, r);
-    const int64_t at = a.cu_seqlens_q ? ref.row_g * a.out_row : w.b * a.out_batch + ref.i * a.out_row;
-    store_float(static_cast<Element*>(a.out) + at + ref.h * a.out_head + d, l > 0.f ? o / l : 0.f);
-    if (d == 0) {
-      a.lse[a.cu_seqlens_q ? int64_t(ref.h) * a.total_rows + ref.row_g
-                           : (int64_t(w.b) * a.heads + ref.h) * a.seqlen_q + ref.i] = l > 0.f ? m * kLn2 + logf(l)
-                                                                                             : INFINITY;
-    }
+    store_float(static_cast<Element*>(a.out) + out_offset(a, w, ref) + d, l > 0.f ? o / l : 0.f);
+    if (d == 0) a.lse[lse_index(a, w, ref)] = l > 0.f ? m * kLn2 + logf(l) : INFINITY;
   }
   cluster.sync();
 #else

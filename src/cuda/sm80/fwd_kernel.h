@@ -21,18 +21,6 @@
 
 namespace flash_attention::sm80 {
 
-// Copies a tile whose rows are all in bounds, zero-filling the chunks of columns >= max_cols.
-// `coords` is the same partition of an identity tensor.
-template <class ZfillCopy, class Src, class Dst, class Coords>
-__device__ void load_full_rows(const ZfillCopy& zfill, const Src& src, Dst&& dst, const Coords& coords, int max_cols) {
-  CUTE_UNROLL
-  for (int k = 0; k < cute::size<2>(src); ++k) {
-    const bool ok = cute::get<1>(coords(0, 0, k)) < max_cols;
-    CUTE_UNROLL
-    for (int m = 0; m < cute::size<1>(src); ++m) cute::copy(zfill.with(ok), src(cute::_, m, k), dst(cute::_, m, k));
-  }
-}
-
 // Softcap and ALiBi on one block of scores (rows x cols views); row0 / col0 locate the block.
 template <class Scores, class Coords>
 __device__ void apply_score_extras(Scores& s, const Coords& coords, const FwdArgs& args, float alibi_slope,
@@ -167,9 +155,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       } else {
         k_next = k_next + (-kBlockN * args.k_row_stride);  // pointer bumps: few registers live across blocks
         v_next = v_next + (-kBlockN * args.v_row_stride);
-        load_full_rows(g2s_zfill, make_tensor(k_next, k_copy_layout), tKsK(_, _, _, slot), tKcK, args.head_dim);
+        copy_zfill_cols(g2s_zfill, make_tensor(k_next, k_copy_layout), tKsK(_, _, _, slot), tKcK, args.head_dim);
         cp_async_fence();
-        load_full_rows(g2s_zfill, make_tensor(v_next, v_copy_layout), tVsV(_, _, _, slot), tKcK, args.head_dim);
+        copy_zfill_cols(g2s_zfill, make_tensor(v_next, v_copy_layout), tVsV(_, _, _, slot), tKcK, args.head_dim);
       }
     } else {
       cp_async_fence();

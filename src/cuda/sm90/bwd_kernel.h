@@ -397,11 +397,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_main_kernel(CUTE_GRID
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
 
   const int warp_group = cutlass::canonical_warp_group_idx();
-  typename Pipeline::Params pp;
-  pp.transaction_bytes = Traits::kStageBytes;
-  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pp.is_leader = threadIdx.x == 0;
-  pp.num_consumers = Traits::kConsumerThreads;
+  const auto pp = warp_specialized_params<Pipeline>(warp_group, Traits::kStageBytes, Traits::kConsumerThreads);
   if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&ss.kv_full, 1);
   Pipeline pipe_q(ss.pipe_q, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_do(ss.pipe_do, pp, Shape<_1, _1, _1>{});

@@ -31,6 +31,18 @@ CUTE_DEVICE void named_bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// TMA pipeline parameters of a warp-specialised CTA: warpgroup 0 produces (thread 0 issues the loads),
+// the other warpgroups' `consumers` threads consume; `bytes` land per stage.
+template <class Pipeline>
+CUTE_DEVICE typename Pipeline::Params warp_specialized_params(int warp_group, uint32_t bytes, int consumers) {
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = bytes;
+  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = consumers;
+  return pp;
+}
+
 // Consumer warpgroups issue their GEMMs in turn: wg waits for its turn, issues, hands the turn on.
 // Barrier ids 1..W; 0 is __syncthreads.
 template <int kWGs>
@@ -470,11 +482,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
 
   const int warp_group = cutlass::canonical_warp_group_idx();
-  typename Pipeline::Params pp;
-  pp.transaction_bytes = Traits::kTmaBytesKV;
-  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pp.is_leader = threadIdx.x == 0;
-  pp.num_consumers = Traits::kConsumerThreads;
+  const auto pp = warp_specialized_params<Pipeline>(warp_group, Traits::kTmaBytesKV, Traits::kConsumerThreads);
   if (threadIdx.x == 0) {
     cutlass::arch::ClusterTransactionBarrier::init(&ss.q_full, 1);
     cutlass::arch::ClusterBarrier::init(&ss.q_empty, Traits::kConsumerThreads);

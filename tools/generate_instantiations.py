@@ -109,7 +109,7 @@ def bwd_expected_files():
 # --- sm90 backward -----------------------------------------------------------------------------------
 # One file per (head dim, dtype): src/cuda/instantiations/sm90_bwd_hdim<D>_<dtype>.cu, defining
 # run_bwd<D, dtype> (src/cuda/sm90/bwd_dispatch.h); the tile per head dim is BwdTile in bwd_launch.h.
-SM90_BWD_HEADDIMS = [64, 128]
+SM90_BWD_HEADDIMS = [64, 128, 256]
 
 
 def sm90_bwd_instantiation_file(hdim, dtype):

@@ -317,8 +317,10 @@ def test_matches_cpu_backward(options):
 SANITIZE_SCRIPT = """
 import torch, flash_attention
 torch.manual_seed(0)
-for (sq, sk, h, hk, d, causal, p, det) in [(100, 200, 2, 1, 64, True, 0.0, False), (130, 70, 2, 2, 128, False, 0.3, True),
-                                          (257, 257, 4, 2, 128, True, 0.0, True)]:
+cases = [(100, 200, 2, 1, 64, True, 0.0, False), (130, 70, 2, 2, 128, False, 0.3, True), (257, 257, 4, 2, 128, True, 0.0, True)]
+if 256 in flash_attention.build_info()["head_dims"]:  # the shared-keys tile on sm90
+    cases.append((200, 150, 4, 2, 256, True, 0.0, False))
+for (sq, sk, h, hk, d, causal, p, det) in cases:
     q = torch.randn(1, sq, h, d, device="cuda", dtype=torch.float16)
     k, v = (torch.randn(1, sk, hk, d, device="cuda", dtype=torch.float16) for _ in range(2))
     out, lse, rng = torch.ops.flash_attention.fwd(q, k, v, None, None, sq, sk, p, d ** -0.5, causal, -1, -1, 0.0,

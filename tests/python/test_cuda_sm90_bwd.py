@@ -14,7 +14,7 @@ from test_cuda_backward import autograd_grads, check_grads, leaves, poison_pool,
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-SM90_BWD_HEAD_DIMS = (64, 128)  # src/cuda/sm90/bwd_dispatch.h: kBwdHeadDims
+SM90_BWD_HEAD_DIMS = (64, 128, 256)  # src/cuda/sm90/bwd_dispatch.h: kBwdHeadDims
 SPECIALISATIONS = (32, 64, 96, 128, 192, 256)
 
 
@@ -52,7 +52,7 @@ SEQLENS = [(1, 1), (113, 203), (128, 128), (512, 256), (1023, 1024), (1, 1023)]
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_sweep(d, seqlens, causal, dtype):
     need(d, dtype)
     b, h = (1, 2) if seqlens[0] * seqlens[1] >= 1 << 20 else (2, 3)
@@ -61,7 +61,7 @@ def test_sweep(d, seqlens, causal, dtype):
 
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2), (6, 1)], ids=lambda t: f"h{t[0]}hk{t[1]}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_gqa(d, causal, heads):
     need(d, torch.bfloat16)
     h, hk = heads
@@ -70,12 +70,13 @@ def test_gqa(d, causal, heads):
 
 @pytest.mark.parametrize("window", [(64, 0), (32, 48), (-1, 17), (100, -1)], ids=str)
 @pytest.mark.parametrize("seqlens", [(300, 300), (129, 400), (400, 129)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_window(seqlens, window):
-    need(64, torch.bfloat16)
-    run_and_check(*qkv(2, *seqlens, 2, 2, 64), window_size=window)
+@pytest.mark.parametrize("d", [64, 256])
+def test_window(d, seqlens, window):
+    need(d, torch.bfloat16)
+    run_and_check(*qkv(2, *seqlens, 2, 2, d), window_size=window)
 
 
-@pytest.mark.parametrize("d", [40, 80, 120])
+@pytest.mark.parametrize("d", [40, 80, 120, 200, 248])
 def test_padded_head_dims(d):
     """Head dims below the kernel's: TMA zero-fills the missing columns, the stores skip them."""
     need(d, torch.bfloat16)
@@ -98,19 +99,21 @@ def test_packed_and_transposed_strides():
     run_and_check(q, k, v, causal=True)
 
 
-def test_large_scores_stay_finite():
-    need(128, torch.bfloat16)
-    q, k, v = qkv(2, 300, 300, 2, 2, 128)
+@pytest.mark.parametrize("d", [128, 256])
+def test_large_scores_stay_finite(d):
+    need(d, torch.bfloat16)
+    q, k, v = qkv(2, 300, 300, 2, 2, d)
     q, k = q * 12, k * 12
     _, dout, ours = autograd_grads(fa.flash_attn_func, q, k, v, causal=True)
     assert all(torch.isfinite(g).all() for g in ours)
     check_grads(ours, q, k, v, dout, causal=True)
 
 
-def test_agrees_with_sm80_backward(monkeypatch):
+@pytest.mark.parametrize("d", [128, 256])
+def test_agrees_with_sm80_backward(d, monkeypatch):
     """Both CUDA backwards compute the same function: each within 3x the low-precision error of the other."""
-    need(128, torch.bfloat16)
-    q, k, v = qkv(2, 700, 900, 4, 2, 128)
+    need(d, torch.bfloat16)
+    q, k, v = qkv(2, 700, 900, 4, 2, d)
     dout = torch.randn_like(q)
 
     def grads():
@@ -158,9 +161,9 @@ def test_declined_varlen_and_head_dim(monkeypatch):
     fn = lambda q, k, v, **o: fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **o)
     with pytest.raises(NotImplementedError, match="sm90 backward: varlen"):
         autograd_grads(fn, q, k, v)
-    if 256 in fa.build_info()["head_dims"]:
-        with pytest.raises(NotImplementedError, match="sm90 backward: head_dim 256"):
-            autograd_grads(fa.flash_attn_func, *qkv(1, 64, 64, 1, 1, 256))
+    if 96 in fa.build_info()["head_dims"]:
+        with pytest.raises(NotImplementedError, match="sm90 backward: head_dim 96"):
+            autograd_grads(fa.flash_attn_func, *qkv(1, 64, 64, 1, 1, 96))
 
 
 def test_bad_path_variable_is_named(monkeypatch):

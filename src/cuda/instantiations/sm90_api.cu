@@ -234,7 +234,7 @@ std::string backward_unsupported_reason(const BackwardParams& p) {
   if (!dtype_built(p.dtype)) return no + "dtype " + dtype_name(p.dtype) + " is not built";
   if (p.head_dim % 8 != 0 || bwd_kernel_head_dim(p.head_dim) == 0) {
     return no + "head_dim " + std::to_string(p.head_dim) +
-           " is served by the sm80 backward (sm90 kernels: multiples of 8 served by the 64 / 128 specialisations)";
+           " is served by the sm80 backward (sm90 kernels: multiples of 8 served by the 64 / 128 / 256 specialisations)";
   }
   if (p.is_varlen()) return no + "varlen is served by the sm80 backward";
   if (p.dropout_p > 0.f) return no + "dropout is served by the sm80 backward";
@@ -254,6 +254,7 @@ Status backward(const BackwardParams& p) {
   bool ran = false;
   Status st = run_bwd_if_built<64>(p, kernel_hdim, &ran);
   if (!ran) st = run_bwd_if_built<128>(p, kernel_hdim, &ran);
+  if (!ran) st = run_bwd_if_built<256>(p, kernel_hdim, &ran);
   if (!ran) return Status::Internal("sm90 backward: no kernel for head_dim " + std::to_string(p.head_dim));
   return st;
 }

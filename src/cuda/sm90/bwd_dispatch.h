@@ -7,7 +7,7 @@
 namespace flash_attention::sm90 {
 
 // Head dims with a backward kernel (others are served by the sm80 backward).
-constexpr int kBwdHeadDims[] = {64, 128};
+constexpr int kBwdHeadDims[] = {64, 128, 256};
 
 // Runs preprocess, main and dQ kernels. `p` is validated, normalised and accepted by
 // backward_unsupported_reason(); p.head_dim <= kHeadDim.

@@ -165,14 +165,14 @@ CUTE_DEVICE void scores_to_probs(TS& s, TC const& coord, const float* lse, const
   }
 }
 
-// dP^T becomes dS^T = P^T * (dP^T - dsum[query]) in place.
+// dP^T becomes dS^T = P^T * (dP^T - dsum[query]) in place (P^T in fp32, or 16 bits read back from smem).
 template <class TP, class TD, class TC>
 CUTE_DEVICE void probs_to_dscores(TP const& p, TD& dp, TC const& coord, const float* dsum) {
   CUTE_UNROLL
   for (int c = 0; c < size<1>(dp); ++c) {
     const float d = dsum[get<1>(coord(0, c))];
     CUTE_UNROLL
-    for (int r = 0; r < size<0>(dp); ++r) dp(r, c) = p(r, c) * (dp(r, c) - d);
+    for (int r = 0; r < size<0>(dp); ++r) dp(r, c) = float(p(r, c)) * (dp(r, c) - d);
   }
 }
 
@@ -265,6 +265,35 @@ CUTE_DEVICE void store_dkv(Acc const& acc, ThrMma const& thr, float scale, Eleme
   }
 }
 
+// The consumers' views of the shared-memory tiles: each buffer as the operand shapes the GEMMs take.
+template <class T>
+struct BwdSmem {
+  template <class Layout, class Elem = typename T::Element>
+  using View = decltype(make_tensor(make_smem_ptr(static_cast<Elem*>(nullptr)), Layout{}));
+  template <class Layout, class Elem>
+  static CUTE_DEVICE auto view(Elem* ptr) {
+    return make_tensor(make_smem_ptr(ptr), Layout{});
+  }
+
+  View<typename T::SmemLayoutQ> q, dout;         // (M, D, stages)
+  View<typename T::SmemLayoutQt> q_t, dout_t;    // (D, M, stages)
+  View<typename T::SmemLayoutK> k, v;            // (N, D)
+  View<typename T::SmemLayoutKt> k_t;            // (D, N)
+  View<typename T::SmemLayoutDS> ds;             // (M, N, 2)
+  View<typename T::SmemLayoutDSt> ds_t;          // (N, M, 2)
+
+  CUTE_DEVICE explicit BwdSmem(typename T::SharedStorage& ss)
+      : q(view<typename T::SmemLayoutQ>(ss.q.data())),
+        dout(view<typename T::SmemLayoutQ>(ss.dout.data())),
+        q_t(view<typename T::SmemLayoutQt>(ss.q.data())),
+        dout_t(view<typename T::SmemLayoutQt>(ss.dout.data())),
+        k(view<typename T::SmemLayoutK>(ss.k.data())),
+        v(view<typename T::SmemLayoutK>(ss.v.data())),
+        k_t(view<typename T::SmemLayoutKt>(ss.k.data())),
+        ds(view<typename T::SmemLayoutDS>(ss.ds.data())),
+        ds_t(view<typename T::SmemLayoutDSt>(ss.ds.data())) {}
+};
+
 template <class Traits>
 CUTE_DEVICE void bwd_consumer(typename Traits::Params const& p, typename Traits::SharedStorage& ss,
                               typename Traits::Pipeline& pipe_q, typename Traits::Pipeline& pipe_do,
@@ -277,15 +306,10 @@ CUTE_DEVICE void bwd_consumer(typename Traits::Params const& p, typename Traits:
   const int wg = tidx / 128;
   const bool wg_leader = tidx % 128 == 0;
 
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQ{});
-  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQt{});
-  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename T::SmemLayoutQ{});
-  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename T::SmemLayoutQt{});
-  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
-  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutKt{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename T::SmemLayoutK{});
-  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename T::SmemLayoutDS{});
-  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename T::SmemLayoutDSt{});
+  const BwdSmem<T> sm(ss);
+  auto& sQ = sm.q; auto& sQt = sm.q_t; auto& sdO = sm.dout; auto& sdOt = sm.dout_t;
+  auto& sK = sm.k; auto& sKt = sm.k_t; auto& sV = sm.v;
+  auto& sdS = sm.ds; auto& sdSt = sm.ds_t;
 
   typename T::MmaSdP mma_sdp;
   typename T::MmaDKV mma_dkv;
@@ -390,6 +414,138 @@ CUTE_DEVICE void bwd_consumer(typename Traits::Params const& p, typename Traits:
   store_dkv<T>(tdKrdK, thr_dkv, a.scale, dk, a.dk_row, a, blk.n0);
 }
 
+// Adds one warpgroup's dQ fragment to the fp32 workspace from registers (16-byte vector atomics, in
+// the order dq_chunk_offset gives: a warp's 32 lanes cover 512 contiguous bytes per instruction).
+template <class Traits, class Acc>
+CUTE_DEVICE void atomic_add_dq(float* tile, Acc const& dq, int tidx) {
+  CUTE_UNROLL
+  for (int j = 0; j < size(dq) / 4; ++j) {
+    atomicAdd(reinterpret_cast<float4*>(tile + dq_chunk_offset<Traits>(tidx, j)),
+              make_float4(dq(4 * j), dq(4 * j + 1), dq(4 * j + 2), dq(4 * j + 3)));
+  }
+}
+
+// Named barriers of the shared-keys consumers: P^T stored (warpgroup 0 arrives, 1 waits), dS^T stored
+// (1 arrives, 0 waits), and each warpgroup's own stores before its wgmmas read them.
+constexpr int kBarPStored = 1;
+constexpr int kBarDsWritten = 2;
+constexpr int kBarOwnStores = 3;  // + warpgroup
+
+// Consumer of the shared-keys tiles (kBlockN = 64, head dim 256): see bwd_traits.h. Per query block:
+//   warpgroup 0: S^T = K Q^T, P^T = exp2(...) -> smem    warpgroup 1: dP^T = V dO^T
+//                                                           waits for P^T; dS^T = P^T (dP^T - dsum) -> smem
+//   each, on its D / 2 columns: dV += P^T dO; once dS^T is stored, dK += dS^T Q and dQ = dS K.
+// P^T and dS^T are double-buffered: a warpgroup rewrites a buffer only after passing the other's signal
+// of the next step, which the other gives after it has waited for its GEMMs of this step.
+// kScores: warpgroup 0 (P^T); else warpgroup 1 (dS^T). Each role is its own straight-line loop.
+template <class Traits, bool kScores>
+CUTE_DEVICE void bwd_consumer_shared_keys(typename Traits::Params const& p, typename Traits::SharedStorage& ss,
+                                          typename Traits::Pipeline& pipe_q, typename Traits::Pipeline& pipe_do,
+                                          const BwdBlock& blk) {
+  using T = Traits;
+  using Element = typename T::Element;
+  const BwdArgs& a = p.args;
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int tidx = threadIdx.x - 128;
+  constexpr int wg = kScores ? 0 : 1;
+
+  const BwdSmem<T> sm(ss);
+  auto& sQ = sm.q; auto& sQt = sm.q_t; auto& sdO = sm.dout; auto& sdOt = sm.dout_t;
+  auto& sK = sm.k; auto& sKt = sm.k_t; auto& sV = sm.v;
+  auto& sdS = sm.ds;
+  Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename T::SmemLayoutPt{});   // K-major A operands
+  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename T::SmemLayoutPt{});
+
+  typename T::MmaSdP mma_sdp;  // one warpgroup, the whole (keys x queries) tile
+  typename T::MmaDKV mma_dkv;  // warpgroups split D
+  typename T::MmaDQ mma_dq;    // warpgroups split D
+  auto thr_sdp = mma_sdp.get_thread_slice(tidx % 128);
+  auto thr_dkv = mma_dkv.get_thread_slice(tidx);
+  auto thr_dq = mma_dq.get_thread_slice(tidx);
+  Tensor tSrA = thr_sdp.partition_fragment_A(kScores ? sK : sV);    // (MMA, MMA_M, MMA_K)
+  Tensor tSrB = thr_sdp.partition_fragment_B(kScores ? sQ : sdO);   // (MMA, MMA_N, MMA_K, stages)
+  Tensor tSsP = thr_sdp.partition_C(sPt);                          // this thread's P^T / dS^T, per buffer
+  Tensor tSsdS = thr_sdp.partition_C(sdSt);
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(select<0, 1>(typename T::TileSdP{})));
+  Tensor coord = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (key, query)
+  Tensor tdVrP = thr_dkv.partition_fragment_A(sPt);     // (MMA, MMA_M, MMA_K, 2)
+  Tensor tdKrdS = thr_dkv.partition_fragment_A(sdSt);
+  Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);   // (MMA, MMA_N = D / 2, MMA_K = queries, stages)
+  Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);     // (MMA, MMA_M, MMA_K, 2)
+  Tensor tdQrK = thr_dq.partition_fragment_B(sKt);
+
+  Tensor tdVrdV = partition_fragment_C(mma_dkv, select<0, 1>(typename T::TileDKV{}));
+  Tensor tdKrdK = partition_fragment_C(mma_dkv, select<0, 1>(typename T::TileDKV{}));
+  clear(tdVrdV);
+  clear(tdKrdK);
+
+  typename T::PipelineState read_q, read_do;  // the two rings advance together: same stage index
+  int buf = 0;
+
+  auto step = [&](int h, int m) {
+    const int m0 = m * T::kBlockM, stage = read_q.index();
+    Tensor acc = partition_fragment_C(mma_sdp, select<0, 1>(typename T::TileSdP{}));  // S^T or dP^T
+    Tensor acc_rc = make_tensor(acc.data(), acc_rowcol(acc.layout()));
+    Tensor frag = make_tensor_like<Element>(acc);  // P^T or dS^T in 16 bits
+    if constexpr (kScores) {
+      pipe_q.consumer_wait(read_q);
+      wgmma_gemm<true>(mma_sdp, tSrA, tSrB(_, _, _, stage), acc);
+      warpgroup_wait<0>();
+      const float* lse = ss.lse.data() + stage * T::kBlockM;
+      if (blk.needs_mask<T::kBlockM, T::kBlockN>(a, m0)) {
+        scores_to_probs<true>(acc_rc, coord, lse, a, blk, m0);
+      } else {
+        scores_to_probs<false>(acc_rc, coord, lse, a, blk, m0);
+      }
+      convert_to<Element>(acc, frag);
+      copy(frag, tSsP(_, _, _, buf));
+      cutlass::arch::fence_view_async_shared();
+      named_bar_arrive(kBarPStored, T::kConsumerThreads);
+      named_bar_sync(kBarOwnStores + wg, 128);
+      pipe_do.consumer_wait(read_do);
+      wgmma_gemm<false>(mma_dkv, tdVrP(_, _, _, buf), tdVrdO(_, _, _, stage), tdVrdV);
+      named_bar_sync(kBarDsWritten, T::kConsumerThreads);
+    } else {
+      pipe_do.consumer_wait(read_do);
+      wgmma_gemm<true>(mma_sdp, tSrA, tSrB(_, _, _, stage), acc);
+      warpgroup_wait<0>();
+      named_bar_sync(kBarPStored, T::kConsumerThreads);
+      wgmma_gemm<false>(mma_dkv, tdVrP(_, _, _, buf), tdVrdO(_, _, _, stage), tdVrdV);
+      copy(tSsP(_, _, _, buf), frag);
+      probs_to_dscores(make_tensor(frag.data(), acc_rowcol(frag.layout())), acc_rc, coord,
+                       ss.dsum.data() + stage * T::kBlockM);
+      convert_to<Element>(acc, frag);
+      copy(frag, tSsdS(_, _, _, buf));
+      cutlass::arch::fence_view_async_shared();
+      named_bar_arrive(kBarDsWritten, T::kConsumerThreads);
+      named_bar_sync(kBarOwnStores + wg, 128);
+      pipe_q.consumer_wait(read_q);
+    }
+    wgmma_gemm<false>(mma_dkv, tdKrdS(_, _, _, buf), tdKrQ(_, _, _, stage), tdKrdK);
+    Tensor tdQrdQ = partition_fragment_C(mma_dq, select<0, 1>(typename T::TileDQ{}));
+    wgmma_gemm<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrK, tdQrdQ);
+    warpgroup_wait<0>();
+    pipe_q.consumer_release(read_q);
+    ++read_q;
+    pipe_do.consumer_release(read_do);
+    ++read_do;
+    buf ^= 1;
+    atomic_add_dq<T>(a.dq_accum + dq_tile_offset(a, b, h, m, T::kDqElems), tdQrdQ, tidx);
+  };
+
+  if (blk.m_begin < blk.m_end) {
+    cutlass::arch::ClusterTransactionBarrier::wait(&ss.kv_full, 0);
+    for (int g = 0; g < a.heads_per_kv_head; ++g) {
+      for (int m = blk.m_begin; m < blk.m_end; ++m) step(hk * a.heads_per_kv_head + g, m);
+    }
+  }
+  Element* dv = static_cast<Element*>(a.dv) + b * a.dv_batch + hk * a.dv_head;
+  Element* dk = static_cast<Element*>(a.dk) + b * a.dk_batch + hk * a.dk_head;
+  store_dkv<T>(tdVrdV, thr_dkv, 1.f, dv, a.dv_row, a, blk.n0);
+  store_dkv<T>(tdKrdK, thr_dkv, a.scale, dk, a.dk_row, a, blk.n0);
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_main_kernel(CUTE_GRID_CONSTANT typename Traits::Params const p) {
   using Pipeline = typename Traits::Pipeline;
@@ -409,7 +565,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_main_kernel(CUTE_GRID
     if (threadIdx.x == 0 && blk.m_begin < blk.m_end) bwd_producer<Traits>(p, ss, pipe_q, pipe_do, blk);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-    bwd_consumer<Traits>(p, ss, pipe_q, pipe_do, blk);
+    if constexpr (Traits::kSharedKeys) {
+      if (warp_group == 1) {
+        bwd_consumer_shared_keys<Traits, true>(p, ss, pipe_q, pipe_do, blk);
+      } else {
+        bwd_consumer_shared_keys<Traits, false>(p, ss, pipe_q, pipe_do, blk);
+      }
+    } else {
+      bwd_consumer<Traits>(p, ss, pipe_q, pipe_do, blk);
+    }
   }
 }
 

@@ -13,10 +13,12 @@
 
 namespace flash_attention::sm90 {
 
-// (head dim) -> tile: 64 query rows per step, 128 keys per CTA (64 per consumer warpgroup), 2 Q/dO
-// stages. 128 query rows at head dim 64 spill (S^T, dP^T, dK, dV: 192 accumulator registers).
+// (head dim) -> tile: 64 query rows per step, 2 Q/dO stages; 128 keys per CTA (64 per consumer
+// warpgroup) up to head dim 128, 64 keys shared by both warpgroups above (bwd_traits.h; D / 2 must be whole
+// 64-column swizzle atoms of the MN-major dO / Q / K views, so 256 but not 192). 128 query
+// rows at head dim 64 spill (S^T, dP^T, dK, dV: 192 accumulator registers).
 template <int kHeadDim, class Element>
-using BwdTile = BwdTraits<kHeadDim, 64, 128, 2, Element>;
+using BwdTile = BwdTraits<kHeadDim, 64, (kHeadDim <= 128 ? 128 : 64), 2, Element>;
 
 inline Status bwd_cuda(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::Ok();

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -253,6 +254,7 @@ bool with_kernel(DType dtype, int head_dim, F&& f) {
 struct DeviceShape {
   int sms = 1;
   int major = 0;       // compute capability
+  int smem_optin = 0;  // shared memory a CTA may have, bytes
 };
 
 DeviceShape device_shape() {
@@ -260,7 +262,8 @@ DeviceShape device_shape() {
   DeviceShape d;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
     cudaGetLastError();
     return {};
   }
@@ -270,6 +273,7 @@ DeviceShape device_shape() {
 struct Plan {
   int splits = 1;
   int ctas_per_split = 1;
+  int warps = decode::kDecodeWarps;  // per CTA (DecodeArgs::warps)
   bool cluster = false;  // splits merged through distributed shared memory (DecodeArgs::cluster)
   // Splits merged through fp32 partials and arrival counters in the workspace.
   bool partials() const { return splits > 1 && !cluster; }
@@ -294,33 +298,76 @@ double model_us(const KVCacheParams& p, int64_t ctas, int64_t blocks_per_warp, i
   return waves * (kCtaUs + blocks_per_warp * block_us) + (splits > 1 ? kSplitUs * splits : 0.0);
 }
 
+// The wide CTA (decode::kDecodeWarpsWide = 8 warps; sm90 and later where its shared memory fits, head dims
+// with DecodeKernel::kHasWide): the same warps in flight as 4-warp CTAs with half the splits. For few
+// tiles the split rule puts one CTA on about every SM: B = 1 at H 32 / Hk 8 above 1k keys asks for 12-16
+// splits, past the portable cluster of 8, so they merge through fp32 partials, arrival counters and a
+// memset; 8 wide CTAs per tile form one cluster and merge through distributed shared memory
+// (choose_merge). A wide CTA takes 141 KB of shared memory at hdim 128, so one per SM: a cluster spreads
+// over 8 SMs. FLASH_ATTENTION_DECODE_WIDE (read per call; the host plan only, for A/B runs):
+//   unset / "auto": wide only there (no explicit num_splits, few CTAs, 4-warp splits in 9..16 or 8 long ones);
+//   "1": wide wherever it is built, with half the 4-warp split count (an explicit num_splits is kept as is);
+//   "0": never (the 4-warp plan).
+enum class Wide { kNever, kAuto, kAlways };
+
+Wide wide_choice(const KVCacheParams& p, const DeviceShape& dev) {
+  bool fits = false;  // built, and its shared memory fits this device (sm120: 99 KB, no)
+  with_kernel(p.dtype, p.head_dim, [&](auto kernel) {
+    using K = decltype(kernel);
+    fits = K::kHasWide && K::smem_bytes(decode::kDecodeWarpsWide) <= dev.smem_optin;
+  });
+  if (dev.major < 9 || !fits) return Wide::kNever;
+  const char* env = std::getenv("FLASH_ATTENTION_DECODE_WIDE");
+  if (env != nullptr && env[0] == '0') return Wide::kNever;
+  if (env != nullptr && env[0] == '1') return Wide::kAlways;
+  return Wide::kAuto;
+}
+
 // Splits of the key blocks of the capacity: the requested count or the model's choice, at most kMaxSplits,
-// each a whole number of rounds of the CTA's warps (so that no split is empty).
+// each a whole number of rounds of the CTA's warps (so that no split is empty), and the CTA width.
 Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
-  constexpr int kRound = decode::kDecodeWarps;
+  const Wide wide = wide_choice(p, dev);
   Plan plan;
   const int tiles = (p.seqlen_q * (p.num_heads / p.num_heads_k) + decode::kDecodeRows - 1) / decode::kDecodeRows;
   plan.ctas_per_split = tiles * p.num_heads_k;
   const int64_t blocks = std::max<int64_t>(1, (p.capacity() + decode::kDecodeBlock - 1) / decode::kDecodeBlock);
-  auto per_split = [&](int splits) { return ((blocks + splits - 1) / splits + kRound - 1) / kRound * kRound; };
+  // Rounds of plan.warps, as the kernel cuts them (cta_keys); widen() switches to the wide CTA.
+  auto per_split = [&](int splits) {
+    return ((blocks + splits - 1) / splits + plan.warps - 1) / plan.warps * plan.warps;
+  };
   auto fewest = [&](int splits) { return static_cast<int>((blocks + per_split(splits) - 1) / per_split(splits)); };
+  auto widen = [&](int splits) {
+    plan.warps = decode::kDecodeWarpsWide;
+    return (splits + 1) / 2;
+  };
   const int max_splits = static_cast<int>(std::min<int64_t>(decode::kMaxSplits, blocks));
   if (p.num_splits > 0) {
+    if (wide == Wide::kAlways) plan.warps = decode::kDecodeWarpsWide;
     plan.splits = fewest(std::min(p.num_splits, max_splits));
     return plan;
   }
   // Two regimes, measured on the H200 (H 32 / Hk 8, D 128; benchmarks/results/h200_decode_splits.csv and
   // benchmarks/NOTES.md). Few CTAs per split (B x Hk < SMs / 2): the best count puts about one CTA on
   // every SM (B = 1: 16 splits from 8k to 128k keys, B = 8: 2), with at least kMinBlocks key blocks per
-  // split (B = 1, 1k keys: 8); more CTAs only add partials to merge. Many CTAs: 3 fit per SM, and a
-  // count that fills whole waves wins at long caches (B = 64: 3 splits at 8k-32k, 10 at 128k, +6-14 %
-  // over 1 split across two runs), so the time model below picks it, keeping kMinBlocksMany blocks per split (B = 64, 1k keys:
-  // one split, 9 % faster than two).
+  // split (B = 1, 1k keys: 8); more CTAs only add partials to merge. Counts of 9-16 become half as many
+  // wide CTAs (Wide). Many CTAs: 3 fit per SM, and a count that fills whole waves wins at long caches
+  // (B = 64: 3 splits at 8k-32k, 10 at 128k, +6-14 % over 1 split across two runs), so the time model
+  // below picks it, keeping kMinBlocksMany blocks per split (B = 64, 1k keys: one split, 9 % faster than
+  // two).
   constexpr int64_t kMinBlocks = 8, kMinBlocksMany = 64;
   const int64_t sms = dev.sms;
   const int64_t fill = sms / (int64_t(plan.ctas_per_split) * p.batch);
   if (fill >= 2) {
-    plan.splits = fewest(int(std::min<int64_t>({fill, std::max<int64_t>(1, blocks / kMinBlocks), max_splits})));
+    int splits = int(std::min<int64_t>({fill, std::max<int64_t>(1, blocks / kMinBlocks), max_splits}));
+    // Wide where it measured faster (H200, session 5, tools/_decode_check.sh): 9-16 splits (B = 1 from 2k
+    // keys: 13.0 -> 9.3 us at 2k, 18.7 -> 15.5 at 8k, 136 -> 132 at 128k) and 8 long splits (B = 2 from
+    // 8k keys: -4 / -10 / -12 % at 8k / 32k / 128k); not 8 short splits (B = 1, 1k: +12 %) or 2-4
+    // (B = 4: +7-9 %, B = 8: +6 %).
+    const bool past_cluster = splits > decode::kMaxClusterSplits && splits <= 2 * decode::kMaxClusterSplits;
+    const bool long_splits = splits == decode::kMaxClusterSplits &&
+                             blocks >= int64_t(splits) * 4 * decode::kDecodeWarpsWide;
+    if (wide == Wide::kAlways || (wide == Wide::kAuto && (past_cluster || long_splits))) splits = widen(splits);
+    plan.splits = fewest(splits);
     return plan;
   }
   int per_sm = 0;
@@ -330,10 +377,11 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
   double best = 1e300;
   for (int s = 1; s <= most; ++s) {
     const int splits = fewest(s);
-    const double t = model_us(p, int64_t(plan.ctas_per_split) * p.batch * splits, per_split(splits) / kRound, splits,
-                              slots);
+    const double t = model_us(p, int64_t(plan.ctas_per_split) * p.batch * splits, per_split(splits) / plan.warps,
+                              splits, slots);
     if (t < best) best = t, plan.splits = splits;
   }
+  if (wide == Wide::kAlways) plan.splits = fewest(widen(plan.splits));
   return plan;
 }
 
@@ -354,12 +402,23 @@ struct Workspace {
 
 int64_t total_rows(const KVCacheParams& p) { return p.is_varlen() ? p.total_q : int64_t(p.batch) * p.seqlen_q; }
 
+// The decode kernel reads q in 16-byte chunks (DecodeArgs::q): a 16-byte aligned base and strides of 8
+// elements (a dimension with one index has no stride to keep). Other q are first copied into the workspace
+// (rotate_q_kernel without rotary), as rotated q are.
+bool q_aligned(const KVCacheParams& p) {
+  auto ok = [](int64_t stride, int64_t size) { return size <= 1 || stride % 8 == 0; };
+  const TensorStrides& s = p.q_strides;
+  return reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && ok(s.head, p.num_heads) &&
+         (p.is_varlen() ? ok(s.row, p.total_q) : ok(s.row, p.seqlen_q) && ok(s.batch, p.batch));
+}
+bool copies_q(const KVCacheParams& p) { return p.has_rotary() || !q_aligned(p); }
+
 Workspace workspace_layout(const KVCacheParams& p, const Plan& plan) {
   auto round = [](std::size_t x) { return (x + 255) / 256 * 256; };
   const std::size_t elems = std::size_t(total_rows(p)) * p.num_heads * p.head_dim;
   Workspace w;
   std::size_t at = 0;
-  if (p.has_rotary()) w.q_rot = at, at += round(elems * dtype_size(p.dtype));
+  if (copies_q(p)) w.q_rot = at, at += round(elems * dtype_size(p.dtype));
   if (plan.partials()) {
     w.out_accum = at, at += round(plan.splits * elems * 4);
     w.lse_accum = at, at += round(std::size_t(plan.splits) * total_rows(p) * p.num_heads * 4);
@@ -396,6 +455,7 @@ DecodeArgs decode_args(const KVCacheParams& p, const Plan& plan) {
   a.window_left = p.window_left, a.window_right = p.window_right;
   a.num_splits = plan.splits;
   a.cluster = plan.cluster;
+  a.warps = plan.warps;
   a.out = p.out;
   a.out_batch = p.out_strides.batch, a.out_row = p.out_strides.row, a.out_head = p.out_strides.head;
   a.lse = p.softmax_lse;
@@ -411,7 +471,7 @@ Status run(const KVCacheParams& p, const Plan& plan, char* ws_base, const Worksp
     FA_RETURN_IF_ERROR(cuda_error(cudaGetLastError(), "append kernel launch"));
   }
   DecodeArgs a = decode_args(p, plan);
-  if (p.has_rotary()) {
+  if (copies_q(p)) {  // rotated, or only copied into aligned rows (ro.dim = 0)
     E* q_rot = reinterpret_cast<E*>(ws_base + ws.q_rot);
     const bool per_row = p.window_left >= 0 || (p.window_right >= 0 && p.window_right < p.capacity());
     const dim3 grid((p.seqlen_q * p.num_heads + 3) / 4, p.batch);

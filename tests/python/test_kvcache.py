@@ -342,6 +342,56 @@ def test_cuda_split_merge_is_deterministic():
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), f"num_splits={splits}"
 
 
+@needs_cuda
+@pytest.mark.parametrize("wide", ["auto", "1", "0"])
+def test_cuda_wide_ctas(monkeypatch, wide):
+    """FLASH_ATTENTION_DECODE_WIDE (sm90: 8-warp CTAs, host plan only; elsewhere ignored). B = 1 with 9k keys
+    takes the wide CTA with 8 splits in one cluster by default; explicit counts give one split, a cluster
+    (<= 8) and the global merge (> 8); repeated calls are bit-identical; several row tiles, windows, ALiBi and
+    an empty sequence; every built head dim of the wide kernel."""
+    if wide == "auto":
+        monkeypatch.delenv("FLASH_ATTENTION_DECODE_WIDE", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_ATTENTION_DECODE_WIDE", wide)
+    for page in (None, 16):
+        pr = make_problem("cuda", B=1, Sq=1, H=32, Hk=8, D=128, Sk=9000, page=page, new=1, rotary_fraction=0.5,
+                          leftpad=True, seed=5)
+        for splits in (0, 1, 5, 8, 16):
+            run_and_check(pr, num_splits=splits)
+            first = flash_attn_with_kvcache(**pr, num_splits=splits, return_softmax_lse=True)
+            again = flash_attn_with_kvcache(**pr, num_splits=splits, return_softmax_lse=True)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), f"num_splits={splits}"
+    pr = make_problem("cuda", B=2, Sq=5, H=16, Hk=4, D=128, Sk=3000, page=48, leftpad=True, seed=6)
+    pr["cache_seqlens"][0] = 0
+    pr["cache_leftpad"][0] = 0
+    slopes = torch.rand(2, 16, device="cuda") * 0.1
+    for splits in (0, 3, 12):
+        run_and_check(pr, window=(100, 0), alibi=slopes, num_splits=splits)
+        run_and_check(pr, causal=True, num_splits=splits)
+    for D in (32, 64, 96):
+        if D in _ops.build_info().get("head_dims", []):
+            pr = make_problem("cuda", B=1, Sq=1, H=8, Hk=2, D=D, Sk=2000, page=16, new=1, seed=D)
+            run_and_check(pr, num_splits=0)
+            run_and_check(pr, num_splits=6)
+
+
+@needs_cuda
+def test_cuda_unaligned_q():
+    """q whose rows are not 16-byte aligned (odd strides, an odd base offset): the decode kernel reads q in
+    16-byte chunks, so such q go through an aligned copy first."""
+    for page in (None, 16):
+        pr = make_problem("cuda", B=2, Sq=3, H=8, Hk=2, D=64, Sk=500, page=page, new=1, seed=7)
+        q = pr["q"]
+        padded = torch.zeros(*q.shape[:-1], 65, dtype=q.dtype, device="cuda")
+        padded[..., :64] = q
+        pr["q"] = padded[..., :64]  # row and head strides of 65 elements
+        run_and_check(pr, causal=True)
+        flat = torch.zeros(q.numel() + 1, dtype=q.dtype, device="cuda")
+        flat[1:] = q.flatten()
+        pr["q"] = flat[1:].view(q.shape)  # base 2 bytes past an aligned address
+        run_and_check(pr, num_splits=2)
+
+
 # (B, Sq, H, Hk, Sk, page, window, alibi): GQA groups of 4 / 4 / 1 / 2 query heads, one and several row tiles
 GROUPS = [(2, 1, 32, 8, 3000, None, (-1, -1), False), (3, 5, 16, 4, 777, 48, (100, 0), True),
           (2, 5, 8, 8, 300, 16, (-1, 0), False), (1, 9, 4, 2, 2000, None, (-1, -1), True)]

@@ -5,7 +5,9 @@
 // group. A CTA takes one row tile of one KV head and one of `num_splits` contiguous runs of keys:
 // grid = (row_tiles * Hk, num_splits, B). With several splits, every CTA writes fp32 partials and the last
 // CTA of a (batch, row tile, KV head) to finish merges them in split order, in the same launch
-// (deterministic: the order does not depend on which CTA arrives last).
+// (deterministic: the order does not depend on which CTA arrives last), or, on sm90, the splits form one
+// cluster and merge through distributed shared memory. A CTA has kDecodeWarps warps, or kDecodeWarpsWide
+// (sm90, few tiles: the same warps in flight with half the splits, so that they fit in one cluster).
 #pragma once
 
 #include <cstddef>
@@ -17,8 +19,17 @@
 
 namespace flash_attention::cuda::decode {
 
+constexpr int kMaxClusterSplits = 8;  // the portable cluster size
+
+constexpr int kDecodeRows = 16;      // packed query rows per head (the m of mma.m16n8k16)
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeWarpsWide = 8;  // the wide CTA (DecodeArgs::warps)
+constexpr int kDecodeBlock = 16;     // keys per warp step
+constexpr int kMaxSplits = 128;      // split-KV parts of one launch
+
 struct DecodeArgs {
-  // Queries (already rotated), dense (B, Sq, H, D) or varlen (total_q, H, D) via cu_seqlens_q.
+  // Queries (already rotated), dense (B, Sq, H, D) or varlen (total_q, H, D) via cu_seqlens_q; 16-byte
+  // aligned rows (base pointer, and strides of 8 elements where the dimension has more than one index).
   const void* q = nullptr;
   int64_t q_batch = 0, q_row = 0, q_head = 0;
   const int32_t* cu_seqlens_q = nullptr;
@@ -61,14 +72,8 @@ struct DecodeArgs {
   // sm90, num_splits <= kMaxClusterSplits: the splits of one (b, tile) run as one thread block cluster and
   // merge through distributed shared memory (no partials, no counters).
   bool cluster = false;
+  int warps = kDecodeWarps;  // warps per CTA: kDecodeWarps, or kDecodeWarpsWide (sm90 only, DecodeKernel::kHasWide)
 };
-
-constexpr int kMaxClusterSplits = 8;  // the portable cluster size
-
-constexpr int kDecodeRows = 16;      // packed query rows per head (the m of mma.m16n8k16)
-constexpr int kDecodeWarps = 4;
-constexpr int kDecodeBlock = 16;     // keys per warp step
-constexpr int kMaxSplits = 128;      // split-KV parts of one launch
 
 inline int row_tiles(const DecodeArgs& a) {
   return (a.seqlen_q * (a.heads / a.heads_k) + kDecodeRows - 1) / kDecodeRows;
@@ -78,7 +83,12 @@ inline int ctas_per_split(const DecodeArgs& a) { return row_tiles(a) * a.heads_k
 // The attention kernel compiled for head dim kHeadDim (>= args.head_dim) and Element.
 template <int kHeadDim, typename Element>
 struct DecodeKernel {
+  // Whether the wide CTA (kDecodeWarpsWide warps) is built: its shared memory (hdim 128: 141 KB) fits an sm90
+  // SM up to hdim 192; built up to 128 (compile time), for sm90 only (elsewhere it traps).
+  static constexpr bool kHasWide = kHeadDim <= 128;
   static Status run(const DecodeArgs& args, cudaStream_t stream);
+  // Dynamic shared memory of a CTA of `warps` warps (kDecodeWarps, or kDecodeWarpsWide when kHasWide).
+  static int smem_bytes(int warps);
   // Resident CTAs per multiprocessor of the current device (0 if the query fails).
   static int ctas_per_sm();
 };

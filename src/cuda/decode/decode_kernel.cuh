@@ -1,13 +1,15 @@
 // Split-KV attention over a (paged) KV cache on the tensor cores (mma.sync m16n8k16, CuTe atoms).
 //
-// One CTA (4 warps) = (16 packed query rows of one KV head, split, batch); see decode_args.h. The CTA's key
-// range is cut into blocks of 16 keys; warp w takes blocks w, w + 4, ... and runs on its own (no CTA
-// barrier per block): a private 2-stage cp.async pipeline of 16-byte loads (K and V rows of its block),
-// S = Q K^T and O += P V with mma.sync, and an online softmax on the accumulator fragments. At the end the
-// warps merge their (max, sum, O) through shared memory in a fixed order; the CTA writes the output + lse
-// (one split), or its split is merged with the others: through distributed shared memory when the splits
-// form one cluster (sm90, at most 8 splits: merge_cluster), else through fp32 partials that the last CTA
-// of the splits to arrive merges (merge_splits).
+// One CTA (kWarps = 4 warps, or 8: the wide CTA, sm90) = (16 packed query rows of one KV head, split,
+// batch); see decode_args.h. The CTA's key range is cut into blocks of 16 keys; warp w takes blocks w,
+// w + kWarps, ... and runs on its own (no CTA barrier per block): a private 2-stage cp.async pipeline of
+// 16-byte loads (K and V rows of its block), S = Q K^T and O += P V with mma.sync, and an online softmax on
+// the accumulator fragments. At the end the warps merge their (max, sum, O) through shared memory in a
+// fixed order; the CTA writes the output + lse (one split), or its split is merged with the others:
+// through distributed shared memory when the splits form one cluster (sm90, at most 8 splits:
+// merge_cluster), else through fp32 partials that the last CTA of the splits to arrive merges
+// (merge_splits). The Q tile's loads go out before the cache lengths' (QTile), so that Q has landed in
+// shared memory, not just been requested, by the time the first K / V block arrives.
 //
 // Measured on H200 (benchmarks/results/h200_decode_diag.csv): a warp needed about 1.75 us per block of 16
 // keys whatever else ran on its SM, which matched the SM's issue rate at ~900 instructions per block with
@@ -72,17 +74,6 @@ struct SeqView {
   int cache_row = 0; // contiguous caches
 };
 
-__device__ __forceinline__ SeqView seq_view(const DecodeArgs& a, int b) {
-  SeqView s;
-  const int sk_cache = a.cache_seqlens ? min(max(a.cache_seqlens[b], 0), a.capacity - a.seqlen_new) : a.capacity;
-  s.leftpad = a.cache_leftpad ? min(max(a.cache_leftpad[b], 0), sk_cache) : 0;
-  s.sk = sk_cache + a.seqlen_new - s.leftpad;
-  s.q_start = a.cu_seqlens_q ? a.cu_seqlens_q[b] : 0;
-  s.sq = a.cu_seqlens_q ? a.cu_seqlens_q[b + 1] - a.cu_seqlens_q[b] : a.seqlen_q;
-  s.cache_row = a.cache_batch_idx ? a.cache_batch_idx[b] : b;
-  return s;
-}
-
 // What one CTA computes: rows [row0, row0 + rows) of KV head hk of sequence b, over key blocks
 // [k_begin, k_end) (blocks of kDecodeBlock keys).
 struct CtaWork {
@@ -91,27 +82,39 @@ struct CtaWork {
   int k_begin = 0, k_end = 0;
 };
 
-__device__ __forceinline__ CtaWork cta_work(const DecodeArgs& a) {
+// The CTA's rows: row tile blockIdx.x / Hk of KV head blockIdx.x % Hk of sequence blockIdx.z. Loads nothing
+// unless the batch is varlen (cu_seqlens_q), so that the Q tile's loads can go first (QTile).
+__device__ __forceinline__ CtaWork cta_rows(const DecodeArgs& a) {
   CtaWork w;
   w.b = blockIdx.z;
   w.split = blockIdx.y;
   w.group = a.heads / a.heads_k;
   w.hk = blockIdx.x % a.heads_k;
   w.row0 = (blockIdx.x / a.heads_k) * kDecodeRows;
-  w.s = seq_view(a, w.b);
+  w.s.q_start = a.cu_seqlens_q ? a.cu_seqlens_q[w.b] : 0;
+  w.s.sq = a.cu_seqlens_q ? a.cu_seqlens_q[w.b + 1] - a.cu_seqlens_q[w.b] : a.seqlen_q;
   w.rows = min(kDecodeRows, w.s.sq * w.group - w.row0);
+  return w;
+}
+
+// The CTA's keys, from the cache lengths of its sequence: the visible keys of the tile's rows, cut into
+// num_splits runs of whole rounds of the kWarps warps.
+template <int kWarps>
+__device__ __forceinline__ void cta_keys(const DecodeArgs& a, CtaWork& w) {
+  const int sk_cache = a.cache_seqlens ? min(max(a.cache_seqlens[w.b], 0), a.capacity - a.seqlen_new) : a.capacity;
+  w.s.leftpad = a.cache_leftpad ? min(max(a.cache_leftpad[w.b], 0), sk_cache) : 0;
+  w.s.sk = sk_cache + a.seqlen_new - w.s.leftpad;
+  w.s.cache_row = a.cache_batch_idx ? a.cache_batch_idx[w.b] : w.b;
   w.offset = w.s.sk - w.s.sq;
-  // The visible keys of the tile's rows, cut into num_splits runs of whole rounds of the warps.
   const int i_first = w.row0 / w.group, i_last = (w.row0 + max(w.rows, 1) - 1) / w.group;
   const int n_lo = a.window_left >= 0 ? max(0, i_first + w.offset - a.window_left) : 0;
   const int n_hi = a.window_right >= 0 ? min(w.s.sk, i_last + w.offset + a.window_right + 1) : w.s.sk;
   const int k_lo = n_lo / kDecodeBlock;
   const int k_hi = n_hi > n_lo ? (n_hi + kDecodeBlock - 1) / kDecodeBlock : k_lo;
   int per_split = (k_hi - k_lo + a.num_splits - 1) / a.num_splits;
-  per_split = (per_split + kDecodeWarps - 1) / kDecodeWarps * kDecodeWarps;
+  per_split = (per_split + kWarps - 1) / kWarps * kWarps;
   w.k_begin = min(k_hi, k_lo + w.split * per_split);
   w.k_end = min(k_hi, w.k_begin + per_split);
-  return w;
 }
 
 // Query index, head and packed global row (dense b * Sq + i, varlen q_start + i) of tile row r.
@@ -143,12 +146,13 @@ __device__ __forceinline__ int64_t lse_index(const DecodeArgs& a, const CtaWork&
 
 constexpr int cmax(int x, int y) { return x > y ? x : y; }
 
-template <int kHeadDim>
+template <int kHeadDim, int kWarps_ = kDecodeWarps>
 struct Traits {
-  static constexpr int kWarps = kDecodeWarps;
+  static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRows = kDecodeRows;
   static constexpr int kBlock = kDecodeBlock;
+  static constexpr int kWarpStride = kWarps * kBlock;  // keys between a warp's consecutive blocks
   // Per warp. Two stages keep 16-byte loads far beyond what HBM latency needs in flight, and at hdim 128
   // (70 KB per CTA) let three CTAs reside per SM instead of two: a warp's speed is bound by its own
   // instruction latencies, so throughput follows the number of resident warps. (Measured, session 4:
@@ -166,6 +170,7 @@ struct Traits {
   static constexpr int kSmemBytes = kStatFloats * 4 + kScratchBytes + kQBytes;
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16");
   static_assert(kScratchBytes % 16 == 0 && (kStatFloats * 4) % 16 == 0, "16-byte aligned regions");
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm90 SM has");
 };
 
 template <typename Element> struct MmaOp;
@@ -212,24 +217,42 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // Stages of the kernel
 // ----------------------------------------------------------------------------------------------------
 
-// Q tile (bf16 / fp16) into shared memory; rows past `rows` and dims past head_dim are zero.
-template <int kHeadDim, typename Element>
-__device__ __forceinline__ void load_q(const DecodeArgs& a, const CtaWork& w, Element* q_s) {
-  using T = Traits<kHeadDim>;
-  const Element* q = static_cast<const Element*>(a.q);
-  for (int c = threadIdx.x; c < T::kRows * T::kChunks; c += T::kThreads) {
-    const int r = c / T::kChunks, ch = c % T::kChunks;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < w.rows && ch * 8 < a.head_dim) {
-      const RowRef ref = row_ref(a, w, r);
-      const int64_t qrow = a.cu_seqlens_q ? ref.row_g * a.q_row : w.b * a.q_batch + ref.i * a.q_row;
-      const Element* src = q + qrow + ref.h * a.q_head + ch * 8;  // q rows need not be 16-byte aligned
+// The Q tile (bf16 / fp16), loaded into registers first thing and stored into shared memory once the
+// first K / V loads are issued. Rows past w.rows and dims past head_dim are zero. The loads are 16-byte
+// (the host passes q with aligned rows, DecodeArgs::q) and branch-free, so that the compiler issues them
+// before the cache lengths' loads and the work that waits on those: a chunk outside the tile loads chunk 0
+// of row 0 (rows >= 1) and is zeroed.
+template <int kHeadDim, int kWarps, typename Element>
+struct QTile {
+  using T = Traits<kHeadDim, kWarps>;
+  static constexpr int kTileChunks = T::kRows * T::kChunks;  // 16-byte chunks of the tile
+  static constexpr int kPerThread = (kTileChunks + T::kThreads - 1) / T::kThreads;
+  uint4 v[kPerThread];
+
+  __device__ __forceinline__ void load(const DecodeArgs& a, const CtaWork& w) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) reinterpret_cast<Element*>(&v)[e] = src[e];
+    for (int i = 0; i < kPerThread; ++i) {
+      const int c = threadIdx.x + i * T::kThreads, r = c / T::kChunks, ch = c % T::kChunks;
+      const bool ok = c < kTileChunks && r < w.rows && ch * 8 < a.head_dim;
+      const uint4 x = *reinterpret_cast<const uint4*>(chunk(a, w, ok ? r : 0, ok ? ch : 0));
+      v[i] = ok ? x : make_uint4(0, 0, 0, 0);
     }
-    *reinterpret_cast<uint4*>(q_s + r * T::kRowElems + ch * 8) = v;
   }
-}
+  __device__ __forceinline__ void store(Element* q_s) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int c = threadIdx.x + i * T::kThreads, r = c / T::kChunks, ch = c % T::kChunks;
+      if (c < kTileChunks) *reinterpret_cast<uint4*>(q_s + r * T::kRowElems + ch * 8) = v[i];
+    }
+  }
+
+ private:
+  __device__ __forceinline__ static const Element* chunk(const DecodeArgs& a, const CtaWork& w, int r, int ch) {
+    const RowRef ref = row_ref(a, w, r);
+    const int64_t qrow = a.cu_seqlens_q ? ref.row_g * a.q_row : w.b * a.q_batch + ref.i * a.q_row;
+    return static_cast<const Element*>(a.q) + qrow + ref.h * a.q_head + ch * 8;
+  }
+};
 
 // One warp's running softmax state over its rows g and g + 8 (thread-local fragments). m_run: running max
 // of the scores in the log2 domain; l_run: this thread's share of the row sum (the quad adds them up at the
@@ -245,11 +268,10 @@ struct WarpState {
 // the same key row, so one instruction of the warp reads whole rows (hdim 128: two rows of 256 bytes). A
 // row of kChunks chunks is cut into power-of-two segments of at most 32 chunks (hdim 192: 16 + 8); in a
 // segment of n chunks lane l copies chunk l % n of rows l / n + (32 / n) c, a constant stride apart from
-// one row pointer (and at constant offsets in shared memory). A cursor walks the warp's blocks (kWarpStride keys apart); it is advanced right after a
-// block is issued, so a page-table load has a whole block of compute to land.
+// one row pointer (and at constant offsets in shared memory). A cursor walks the warp's blocks (kStride =
+// Traits::kWarpStride keys apart); it is advanced right after a block is issued, so a page-table load has a
+// whole block of compute to land.
 // ----------------------------------------------------------------------------------------------------
-
-constexpr int kWarpStride = kDecodeWarps * kDecodeBlock;
 
 // Where the 16 rows of one block live. Row r < split is at k1 + r * k_rb, a row r >= split (a block that
 // crosses a page boundary) at k2 + r * k_rb; rows at or past `limit` (the sequence end) and rows of a bad
@@ -264,12 +286,12 @@ struct BlockRows {
   bool ok1, ok2;
 };
 
-template <bool kPaged>
+template <bool kPaged, int kStride>
 struct RowCursor;
 
 // Contiguous cache: one cache row per sequence; the block's row pointers advance by a constant.
-template <>
-struct RowCursor<false> {
+template <int kStride>
+struct RowCursor<false, kStride> {
   const char* k = nullptr;  // row 0 of the current block, plus the lane's offset (LaneCopies)
   const char* v = nullptr;
   int64_t k_rb = 0, v_rb = 0;  // bytes between key rows
@@ -295,17 +317,17 @@ struct RowCursor<false> {
     return {k, v, k, v, k_rb, v_rb, kDecodeBlock, sk - j, seq_ok, seq_ok};
   }
   __device__ __forceinline__ void advance() {
-    j += kWarpStride;
-    k += kWarpStride * k_rb;
-    v += kWarpStride * v_rb;
+    j += kStride;
+    k += kStride * k_rb;
+    v += kStride * v_rb;
   }
 };
 
 // Paged cache: (table column, row in page) of the block's first key advance without a division; the
 // page(s) of the next block are loaded ahead (-1: no such key or a bad page index, zero-filled). A block
 // spans two pages only when the left padding is not a multiple of 16 (page sizes are).
-template <>
-struct RowCursor<true> {
+template <int kStride>
+struct RowCursor<true, kStride> {
   const char* k0 = nullptr;  // page 0, row 0, plus the lane's offset (LaneCopies)
   const char* v0 = nullptr;
   int64_t k_page = 0, v_page = 0, k_rb = 0, v_rb = 0;
@@ -355,8 +377,8 @@ struct RowCursor<true> {
     return b;
   }
   __device__ __forceinline__ void advance() {
-    j += kWarpStride;
-    prow += kWarpStride;
+    j += kStride;
+    prow += kStride;
     while (prow >= page_size) prow -= page_size, ++col, ++entry;
     lookup();
   }
@@ -524,11 +546,12 @@ struct QFragments<kHeadDim, false> {
   }
 };
 
-// The warp's key blocks: K / V through a private cp.async pipeline, online softmax, O += P V.
-template <int kHeadDim, typename Element, bool kPaged>
-__device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, Element* q_s, Element* kv_s,
-                                       WarpState<kHeadDim>& st) {
-  using T = Traits<kHeadDim>;
+// The warp's key blocks: K / V through a private cp.async pipeline, online softmax, O += P V. q: the Q tile
+// in flight (QTile::load), stored into q_s here.
+template <int kHeadDim, int kWarps, typename Element, bool kPaged>
+__device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, const QTile<kHeadDim, kWarps, Element>& q,
+                                       Element* q_s, Element* kv_s, WarpState<kHeadDim>& st) {
+  using T = Traits<kHeadDim, kWarps>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
   const int span = w.k_end - w.k_begin;
   const int my_blocks = span > warp ? (span - warp + T::kWarps - 1) / T::kWarps : 0;
@@ -549,7 +572,7 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, El
 
   LaneCopies<kHeadDim, Element> copies;
   copies.init(lane, a.k_row * int64_t(sizeof(Element)), a.v_row * int64_t(sizeof(Element)), a.head_dim);
-  RowCursor<kPaged> cur;
+  RowCursor<kPaged, T::kWarpStride> cur;
   cur.template init<Element>(a, w, first_key, copies.k_off[0], copies.v_off[0]);
   copies.rebase();
   Element* warp_kv = kv_s + warp * T::kStages * T::kStageElems;
@@ -559,13 +582,13 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, El
     cur.advance();
   };
 
-  // Prologue: the first stages are in flight before Q is loaded.
+  // Prologue: the first stages are in flight before Q is stored (its loads have to land first).
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < my_blocks) issue(s);
     cp_async_commit();
   }
-  load_q<kHeadDim, Element>(a, w, q_s);
+  q.store(q_s);
   __syncthreads();  // q_s
 
 #pragma unroll
@@ -605,7 +628,7 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, El
 #pragma unroll
     for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] += sc_odd[i / 4][i % 4];
 
-    const int key0 = first_key + n * kWarpStride;
+    const int key0 = first_key + n * T::kWarpStride;
     if (general || key0 + T::kBlock > w.s.sk) {
       mask_scores(a, sc, key0 + 2 * t4, diag, slope, w.s.sk);
     } else {
@@ -630,9 +653,9 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, El
 
 // Merges the warps in warp order: the (max, sum) of each row into m_s / l_s (log2 domain) and each warp's
 // rescaled O into merge[warp][row][kHeadDim] (the K/V buffers, now free).
-template <int kHeadDim>
+template <int kHeadDim, int kWarps>
 __device__ __forceinline__ void merge_warps(WarpState<kHeadDim>& st, float* stats, float* merge) {
-  using T = Traits<kHeadDim>;
+  using T = Traits<kHeadDim, kWarps>;
   constexpr int kRows = T::kRows;
   float* wm_s = stats;                     // [warp][16] running max (log2)
   float* wl_s = wm_s + T::kWarps * kRows;  // [warp][16] row sums
@@ -676,19 +699,19 @@ __device__ __forceinline__ void merge_warps(WarpState<kHeadDim>& st, float* stat
 }
 
 // Element (r, d) of the CTA's O: the sum of the warps' rescaled parts in merge (merge_warps).
-template <int kHeadDim>
+template <int kHeadDim, int kWarps>
 __device__ __forceinline__ float warp_sum(const float* merge, int r, int d) {
   float o = 0.f;
 #pragma unroll
-  for (int wi = 0; wi < kDecodeWarps; ++wi) o += merge[(wi * kDecodeRows + r) * kHeadDim + d];
+  for (int wi = 0; wi < kWarps; ++wi) o += merge[(wi * kDecodeRows + r) * kHeadDim + d];
   return o;
 }
 
 // Writes the CTA's result: the output + lse (one split) or the fp32 partials of its split.
-template <int kHeadDim, typename Element>
+template <int kHeadDim, int kWarps, typename Element>
 __device__ __forceinline__ void store_result(const DecodeArgs& a, const CtaWork& w, const float* stats,
                                              const float* merge) {
-  using T = Traits<kHeadDim>;
+  using T = Traits<kHeadDim, kWarps>;
   constexpr int kRows = T::kRows;
   const float* m_s = stats + 2 * T::kWarps * kRows;
   const float* l_s = m_s + kRows;
@@ -696,7 +719,7 @@ __device__ __forceinline__ void store_result(const DecodeArgs& a, const CtaWork&
   for (int idx = threadIdx.x; idx < w.rows * a.head_dim; idx += T::kThreads) {
     const int r = idx / a.head_dim, d = idx % a.head_dim;
     const float l = l_s[r];
-    const float o = l > 0.f ? warp_sum<kHeadDim>(merge, r, d) / l : 0.f;
+    const float o = l > 0.f ? warp_sum<kHeadDim, kWarps>(merge, r, d) / l : 0.f;
     const RowRef ref = row_ref(a, w, r);
     if (final) {
       store_float(static_cast<Element*>(a.out) + out_offset(a, w, ref) + d, o);
@@ -721,9 +744,9 @@ __device__ __forceinline__ void store_result(const DecodeArgs& a, const CtaWork&
 // an online softmax over the splits' (lse, O) pairs; it reads the lse and the partial O of 8 splits at once
 // (one L2 round trip per 8 splits, no block barrier):
 //   lse = log(sum_s exp(lse_s)),  out = sum_s exp(lse_s - lse) out_s.
-template <int kHeadDim, typename Element>
+template <int kHeadDim, int kWarps, typename Element>
 __device__ __forceinline__ void merge_splits(const DecodeArgs& a, const CtaWork& w, float* stats) {
-  using T = Traits<kHeadDim>;
+  using T = Traits<kHeadDim, kWarps>;
   int* last = reinterpret_cast<int*>(stats + T::kStatFloats - 4);
   __threadfence();  // this CTA's partials are visible device-wide before it counts itself in
   __syncthreads();
@@ -772,19 +795,21 @@ __device__ __forceinline__ void merge_splits(const DecodeArgs& a, const CtaWork&
 
 // Split merge of a cluster launch (a.cluster; sm90): the splits of (b, blockIdx.x) are the CTAs of one
 // cluster, ranked by split. Each CTA first sums its warps' O (relative to its own row max) in place; after
-// a cluster barrier, CTA c merges elements c, c + S, ... (S = num_splits) of the (rows x head_dim) output
-// from every split's shared memory, in split order (deterministic), and rank 0 writes the lse. A second
-// barrier keeps each CTA's shared memory alive until its peers have read it.
-template <int kHeadDim, typename Element>
+// a cluster barrier, the CTA of rank c merges the c-th run of kThreads elements of the (rows x head_dim)
+// output (then the (c + S)-th, ..., S = num_splits) from every split's shared memory, in split order
+// (deterministic). A thread reads the (max, sum, O) of all splits first (one round trip of distributed
+// shared memory, not one per split). A second barrier keeps each CTA's shared memory alive until its peers
+// have read it.
+template <int kHeadDim, int kWarps, typename Element>
 __device__ __forceinline__ void merge_cluster(const DecodeArgs& a, const CtaWork& w, float* stats, float* merge) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
-  using T = Traits<kHeadDim>;
-  constexpr int kRows = T::kRows;
+  using T = Traits<kHeadDim, kWarps>;
+  constexpr int kRows = T::kRows, kMax = kMaxClusterSplits;
   const int d_len = a.head_dim;
   for (int idx = threadIdx.x; idx < w.rows * d_len; idx += T::kThreads) {
     const int r = idx / d_len, d = idx % d_len;
-    merge[r * kHeadDim + d] = warp_sum<kHeadDim>(merge, r, d);  // warp 0's slot: only this thread uses (r, d)
+    merge[r * kHeadDim + d] = warp_sum<kHeadDim, kWarps>(merge, r, d);  // warp 0's slot: only this thread uses (r, d)
   }
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
@@ -792,17 +817,23 @@ __device__ __forceinline__ void merge_cluster(const DecodeArgs& a, const CtaWork
   const float* m_local = stats + 2 * T::kWarps * kRows;  // merged (max, sum) of this CTA's rows
   for (int idx = rank * T::kThreads + threadIdx.x; idx < w.rows * d_len; idx += splits * T::kThreads) {
     const int r = idx / d_len, d = idx % d_len;
+    float ms[kMax], ls[kMax], os[kMax];
+#pragma unroll
+    for (int s = 0; s < kMax; ++s) {
+      const int peer = s < splits ? s : 0;
+      const float* peer_stats = cluster.map_shared_rank(m_local, peer);
+      ms[s] = s < splits ? peer_stats[r] : -INFINITY;
+      ls[s] = peer_stats[kRows + r];
+      os[s] = cluster.map_shared_rank(merge, peer)[r * kHeadDim + d];
+    }
     float m = -INFINITY, l = 0.f, o = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float* peer_stats = cluster.map_shared_rank(m_local, s);
-      const float ms = peer_stats[r];
-      if (ms == -INFINITY) continue;  // the split saw no key of this row
-      const float ls = peer_stats[kRows + r];
-      const float os = cluster.map_shared_rank(merge, s)[r * kHeadDim + d];
-      const float m_new = fmaxf(m, ms);
-      const float c_old = exp2f(m - m_new), c_new = exp2f(ms - m_new);
-      l = l * c_old + ls * c_new;
-      o = o * c_old + os * c_new;
+#pragma unroll
+    for (int s = 0; s < kMax; ++s) {
+      if (ms[s] == -INFINITY) continue;  // the split saw no key of this row (or is past the last split)
+      const float m_new = fmaxf(m, ms[s]);
+      const float c_old = exp2f(m - m_new), c_new = exp2f(ms[s] - m_new);
+      l = l * c_old + ls[s] * c_new;
+      o = o * c_old + os[s] * c_new;
       m = m_new;
     }
     const RowRef ref = row_ref(a, w, r);
@@ -819,38 +850,64 @@ __device__ __forceinline__ void merge_cluster(const DecodeArgs& a, const CtaWork
 // The kernel and its launch
 // ----------------------------------------------------------------------------------------------------
 
-template <int kHeadDim, typename Element, bool kPaged>
-__global__ void __launch_bounds__(Traits<kHeadDim>::kThreads) decode_kernel(const DecodeArgs a) {
-  using T = Traits<kHeadDim>;
+// One CTA: the Q tile's loads go out first, then the cache lengths (both in flight together), the warps'
+// main loops, their merge, and the split merge or the output.
+template <int kHeadDim, int kWarps, typename Element, bool kPaged>
+__device__ __forceinline__ void decode_cta(const DecodeArgs& a) {
+  using T = Traits<kHeadDim, kWarps>;
   extern __shared__ __align__(16) char smem[];
   float* stats = reinterpret_cast<float*>(smem);
   char* scratch = smem + T::kStatFloats * 4;  // K/V stages, then the warps' O
   Element* q_s = reinterpret_cast<Element*>(scratch + T::kScratchBytes);
 
-  const CtaWork w = cta_work(a);
+  CtaWork w = cta_rows(a);
   if (w.rows <= 0) return;  // the same for every CTA of (b, blockIdx.x): no merge is waiting on it
+  QTile<kHeadDim, kWarps, Element> q;
+  q.load(a, w);
+  cta_keys<kWarps>(a, w);
   WarpState<kHeadDim> st;
-  attend<kHeadDim, Element, kPaged>(a, w, q_s, reinterpret_cast<Element*>(scratch), st);
-  merge_warps<kHeadDim>(st, stats, reinterpret_cast<float*>(scratch));
+  attend<kHeadDim, kWarps, Element, kPaged>(a, w, q, q_s, reinterpret_cast<Element*>(scratch), st);
+  merge_warps<kHeadDim, kWarps>(st, stats, reinterpret_cast<float*>(scratch));
   if (a.cluster) {
-    merge_cluster<kHeadDim, Element>(a, w, stats, reinterpret_cast<float*>(scratch));
+    merge_cluster<kHeadDim, kWarps, Element>(a, w, stats, reinterpret_cast<float*>(scratch));
     return;
   }
-  store_result<kHeadDim, Element>(a, w, stats, reinterpret_cast<const float*>(scratch));
-  if (a.num_splits > 1) merge_splits<kHeadDim, Element>(a, w, stats);
+  store_result<kHeadDim, kWarps, Element>(a, w, stats, reinterpret_cast<const float*>(scratch));
+  if (a.num_splits > 1) merge_splits<kHeadDim, kWarps, Element>(a, w, stats);
+}
+
+// The wide CTA runs on sm90 only (the host picks it there): other archs get a stub, which keeps their
+// compile time and code size as before.
+template <int kWarps>
+__device__ constexpr bool compiled_for_this_arch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return kWarps == kDecodeWarps;
+#else
+  return true;
+#endif
+}
+
+template <int kHeadDim, typename Element, bool kPaged, int kWarps>
+__global__ void __launch_bounds__(Traits<kHeadDim, kWarps>::kThreads) decode_kernel(const DecodeArgs a) {
+  if constexpr (compiled_for_this_arch<kWarps>()) {
+    decode_cta<kHeadDim, kWarps, Element, kPaged>(a);
+  } else {
+    __trap();
+  }
 }
 
 // Dynamic shared memory above 48 KB.
-template <int kHeadDim, typename Element, bool kPaged>
+template <int kHeadDim, typename Element, bool kPaged, int kWarps>
 cudaError_t configure() {
-  return cudaFuncSetAttribute(decode_kernel<kHeadDim, Element, kPaged>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, Traits<kHeadDim>::kSmemBytes);
+  return cudaFuncSetAttribute(decode_kernel<kHeadDim, Element, kPaged, kWarps>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, Traits<kHeadDim, kWarps>::kSmemBytes);
 }
 
-template <int kHeadDim, typename Element, bool kPaged>
+template <int kHeadDim, typename Element, bool kPaged, int kWarps>
 Status launch(const DecodeArgs& a, cudaStream_t stream) {
-  using T = Traits<kHeadDim>;
-  cudaError_t err = configure<kHeadDim, Element, kPaged>();
+  using T = Traits<kHeadDim, kWarps>;
+  auto* kernel = decode_kernel<kHeadDim, Element, kPaged, kWarps>;
+  cudaError_t err = configure<kHeadDim, Element, kPaged, kWarps>();
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel setup: ") + cudaGetErrorString(err));
   const dim3 grid(ctas_per_split(a), a.num_splits, a.batch);
   if (a.cluster) {
@@ -864,19 +921,38 @@ Status launch(const DecodeArgs& a, cudaStream_t stream) {
     cluster.val.clusterDim.x = 1, cluster.val.clusterDim.y = a.num_splits, cluster.val.clusterDim.z = 1;
     config.attrs = &cluster;
     config.numAttrs = 1;
-    err = cudaLaunchKernelEx(&config, decode_kernel<kHeadDim, Element, kPaged>, a);
+    err = cudaLaunchKernelEx(&config, kernel, a);
   } else {
-    decode_kernel<kHeadDim, Element, kPaged><<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
+    kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
     err = cudaGetLastError();
   }
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel launch: ") + cudaGetErrorString(err));
   return Status::Ok();
 }
 
-// Paged and contiguous caches have their own kernels (RowCursor).
+template <int kHeadDim, typename Element, int kWarps>
+Status launch(const DecodeArgs& a, cudaStream_t stream) {
+  return a.block_table ? launch<kHeadDim, Element, true, kWarps>(a, stream)
+                       : launch<kHeadDim, Element, false, kWarps>(a, stream);
+}
+
+// Paged and contiguous caches have their own kernels (RowCursor), and so have the two CTA widths.
 template <int kHeadDim, typename Element>
 Status DecodeKernel<kHeadDim, Element>::run(const DecodeArgs& a, cudaStream_t stream) {
-  return a.block_table ? launch<kHeadDim, Element, true>(a, stream) : launch<kHeadDim, Element, false>(a, stream);
+  if (a.warps == kDecodeWarps) return launch<kHeadDim, Element, kDecodeWarps>(a, stream);
+  if constexpr (kHasWide) {
+    if (a.warps == kDecodeWarpsWide) return launch<kHeadDim, Element, kDecodeWarpsWide>(a, stream);
+  }
+  return Status::Internal("decode kernel: no CTA of " + std::to_string(a.warps) + " warps for head dim " +
+                          std::to_string(kHeadDim));
+}
+
+template <int kHeadDim, typename Element>
+int DecodeKernel<kHeadDim, Element>::smem_bytes(int warps) {
+  if constexpr (kHasWide) {
+    if (warps == kDecodeWarpsWide) return Traits<kHeadDim, kDecodeWarpsWide>::kSmemBytes;
+  }
+  return Traits<kHeadDim>::kSmemBytes;
 }
 
 // Cached per process (the first device that asks; a launch-plan hint only, never a correctness input).
@@ -886,9 +962,9 @@ int DecodeKernel<kHeadDim, Element>::ctas_per_sm() {
   static std::atomic<int> known{0};
   int n = known.load(std::memory_order_relaxed);
   if (n > 0) return n;
-  if (configure<kHeadDim, Element, false>() != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<kHeadDim, Element, false>, T::kThreads,
-                                                    T::kSmemBytes) != cudaSuccess) {
+  if (configure<kHeadDim, Element, false, kDecodeWarps>() != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<kHeadDim, Element, false, kDecodeWarps>,
+                                                    T::kThreads, T::kSmemBytes) != cudaSuccess) {
     cudaGetLastError();  // clear the error so that the next launch reports its own
     return 0;
   }

@@ -28,7 +28,7 @@ struct BwdArgs {
   //   lse_log2 (B, H, rows): lse * log2(e), +inf on padding rows (so P = 0 there)
   //   dsum     (B, H, rows): rowsum(dO * O), 0 on padding rows
   //   dq_accum (B, H, m_blocks, block_m * head_dim_kernel): fp32 dQ in the register order of the
-  //            main kernel's dQ fragments (see dq_accum_offset), zeroed before the main kernel.
+  //            main kernel's dQ fragments (see dq_chunk_offset), zeroed by the preprocess.
   float* lse_log2 = nullptr;
   float* dsum = nullptr;
   float* dq_accum = nullptr;

@@ -43,12 +43,19 @@ constexpr int bwd_rows_per_cta() {
   return kBwdRowThreads / (kHeadDim / 8);
 }
 
+// Also zeroes the CTA's rows' share of dq_accum (the workspace keeps a (batch, head)'s padded rows
+// contiguous: rows x kHeadDim floats), so no memset runs before the main kernel.
 template <int kHeadDim, int kBlockM, class Element>
 __global__ void __launch_bounds__(kBwdRowThreads) bwd_prep_kernel(const __grid_constant__ BwdArgs a) {
   constexpr int kLanes = kHeadDim / 8;
   const int h = blockIdx.y, b = blockIdx.z;
   const int i = blockIdx.x * bwd_rows_per_cta<kHeadDim>() + threadIdx.x / kLanes;
   const int c = (threadIdx.x % kLanes) * 8;
+  if (i < a.m_blocks * kBlockM) {  // the 8 floats (row i, columns c ..) of the row-major view of the slice
+    float4* z = reinterpret_cast<float4*>(a.dq_accum + ((int64_t(b) * a.num_heads + h) * a.m_blocks * kBlockM + i) *
+                                                           kHeadDim + c);
+    z[0] = z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   float sum = 0.f;
   if (i < a.seqlen_q && c < a.head_dim) {
     const auto* o = static_cast<const Element*>(a.out) + b * a.out_batch + i * a.out_row + h * a.out_head + c;
@@ -82,28 +89,38 @@ CUTE_DEVICE int64_t dq_tile_offset(const BwdArgs& a, int b, int h, int m, int ti
   return ((int64_t(b) * a.num_heads + h) * a.m_blocks + m) * tile_elems;
 }
 
+// dQ = softmax_scale * workspace tile in fp16/bf16: the tile is read in the main kernel's register order
+// (coalesced float4s), converted, and written to shared memory by (row, column), so that the global
+// stores are whole 16-byte row pieces (a warp writes two 256-byte rows at head dim 128).
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kConsumerThreads) bwd_dq_kernel(const __grid_constant__ BwdArgs a) {
   using Element = typename Traits::Element;
+  constexpr int kM = Traits::kBlockM, kD = Traits::kHeadDim, kPitch = kD + 8;  // pitch: 16-byte rows, no conflicts
+  __shared__ alignas(16) Element tile[kM * kPitch];
   const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z, t = threadIdx.x;
   typename Traits::MmaDQ mma;
   Tensor coord = mma.get_thread_slice(t).partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileDQ{})));
   const float* acc = a.dq_accum + dq_tile_offset(a, b, h, m, Traits::kDqElems);
-  Element* dq = static_cast<Element*>(a.dq) + b * a.dq_batch + h * a.dq_head;
   CUTE_UNROLL
   for (int j = 0; j < size(coord) / 4; ++j) {
     const float4 x = *reinterpret_cast<const float4*>(acc + dq_chunk_offset<Traits>(t, j));
     const float vals[4] = {x.x, x.y, x.z, x.w};
     CUTE_UNROLL
     for (int e = 0; e < 4; e += 2) {  // values (v, v + 1) are adjacent columns
-      const int row = m * Traits::kBlockM + get<0>(coord(4 * j + e));
-      const int col = get<1>(coord(4 * j + e));
-      if (row < a.seqlen_q && col < a.head_dim) {
-        cutlass::Array<Element, 2> pair;
-        pair[0] = Element(vals[e] * a.scale);
-        pair[1] = Element(vals[e + 1] * a.scale);
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(dq + int64_t(row) * a.dq_row + col) = pair;
-      }
+      cutlass::Array<Element, 2> pair;
+      pair[0] = Element(vals[e] * a.scale);
+      pair[1] = Element(vals[e + 1] * a.scale);
+      const int row = get<0>(coord(4 * j + e)), col = get<1>(coord(4 * j + e));
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(tile + row * kPitch + col) = pair;
+    }
+  }
+  __syncthreads();
+  Element* dq = static_cast<Element*>(a.dq) + b * a.dq_batch + h * a.dq_head;
+  constexpr int kChunks = kD / 8;  // 16-byte pieces per row
+  for (int c = t; c < kM * kChunks; c += Traits::kConsumerThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8, row = m * kM + r;
+    if (row < a.seqlen_q && col < a.head_dim) {
+      *reinterpret_cast<uint4*>(dq + int64_t(row) * a.dq_row + col) = *reinterpret_cast<const uint4*>(tile + r * kPitch + col);
     }
   }
 }
@@ -238,31 +255,62 @@ CUTE_DEVICE void bwd_producer(typename Traits::Params const& p, typename Traits:
   }
 }
 
-// Stores one warpgroup's rows of a dK / dV accumulator (scaled) as fp16/bf16 pairs, bounds-checked.
-template <class Traits, class Acc, class ThrMma, class Element = typename Traits::Element>
-CUTE_DEVICE void store_dkv(Acc const& acc, ThrMma const& thr, float scale, Element* base, int64_t row_stride,
-                           const BwdArgs& a, int n0) {
-  Tensor out = make_tensor_like<Element>(acc);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) out(i) = Element(acc(i) * scale);
-  Tensor out_rc = make_tensor(out.data(), acc_rowcol(out.layout()));
-  Tensor tc = thr.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileDKV{})));
-  Tensor coord = make_tensor(tc.data(), acc_rowcol(tc.layout()));
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(out_rc); ++r) {
-    const int j = n0 + get<0>(coord(r, 0));
-    if (j >= a.seqlen_k) continue;
+// dK / dV epilogue: the accumulators (scaled, fp16/bf16) are staged in the Q / dO rings, free once every
+// query block is done, then written as whole 16-byte row pieces (bounds-checked rows and columns). The
+// staged tile is (kBlockN, D) with its 16-byte chunks XOR-swizzled by row, so that the pair stores of the
+// accumulator layout (8 rows x 4 lanes per instruction) hit 32 different banks.
+template <class Traits>
+struct DkvStage {
+  static constexpr int kN = Traits::kBlockN, kD = Traits::kHeadDim, kChunks = kD / 8;
+  static_assert(kN * kD <= Traits::kBlockM * kD * Traits::kStages, "a dK / dV tile must fit in one Q / dO ring");
+
+  static CUTE_DEVICE int offset(int row, int col) { return row * kD + ((col / 8) ^ (row % 8)) * 8 + col % 8; }
+
+  template <class Acc, class ThrMma, class Element>
+  static CUTE_DEVICE void stage(Acc const& acc, ThrMma const& thr, float scale, Element* tile) {
+    Tensor acc_rc = make_tensor(acc.data(), acc_rowcol(acc.layout()));
+    Tensor tc = thr.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileDKV{})));
+    Tensor coord = make_tensor(tc.data(), acc_rowcol(tc.layout()));
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(out_rc); c += 2) {
-      const int col = get<1>(coord(r, c));
-      if (col < a.head_dim) {
+    for (int r = 0; r < size<0>(acc_rc); ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(acc_rc); c += 2) {  // (c, c + 1) are adjacent columns
         cutlass::Array<Element, 2> pair;
-        pair[0] = out_rc(r, c);
-        pair[1] = out_rc(r, c + 1);
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(base + int64_t(j) * row_stride + col) = pair;
+        pair[0] = Element(acc_rc(r, c) * scale);
+        pair[1] = Element(acc_rc(r, c + 1) * scale);
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(tile + offset(get<0>(coord(r, c)), get<1>(coord(r, c)))) = pair;
       }
     }
   }
+
+  template <class Element>
+  static CUTE_DEVICE void store(const Element* tile, Element* base, int64_t row_stride, const BwdArgs& a, int n0,
+                                int thread) {
+    for (int c = thread; c < kN * kChunks; c += Traits::kConsumerThreads) {
+      const int r = c / kChunks, col = (c % kChunks) * 8;
+      if (n0 + r < a.seqlen_k && col < a.head_dim) {
+        *reinterpret_cast<uint4*>(base + int64_t(n0 + r) * row_stride + col) =
+            *reinterpret_cast<const uint4*>(tile + offset(r, col));
+      }
+    }
+  }
+};
+
+constexpr int kBarEpilogue = 5;  // named barrier of the consumers (ids 1-4: the consumer loops')
+
+// Both consumer warpgroups: dV (unscaled) and dK (scaled) of this CTA's keys to global memory.
+template <class Traits, class Acc, class ThrMma>
+CUTE_DEVICE void store_dkv(Acc const& dv_acc, Acc const& dk_acc, ThrMma const& thr, typename Traits::SharedStorage& ss,
+                           const BwdArgs& a, int n0) {
+  using Element = typename Traits::Element;
+  using Stage = DkvStage<Traits>;
+  const int b = blockIdx.z, hk = blockIdx.y, tidx = threadIdx.x - 128;
+  named_bar_sync(kBarEpilogue, Traits::kConsumerThreads);  // every GEMM has read its last Q / dO
+  Stage::stage(dv_acc, thr, 1.f, ss.q.data());
+  Stage::stage(dk_acc, thr, a.scale, ss.dout.data());
+  named_bar_sync(kBarEpilogue, Traits::kConsumerThreads);
+  Stage::store(ss.q.data(), static_cast<Element*>(a.dv) + b * a.dv_batch + hk * a.dv_head, a.dv_row, a, n0, tidx);
+  Stage::store(ss.dout.data(), static_cast<Element*>(a.dk) + b * a.dk_batch + hk * a.dk_head, a.dk_row, a, n0, tidx);
 }
 
 // The consumers' views of the shared-memory tiles: each buffer as the operand shapes the GEMMs take.
@@ -408,10 +456,7 @@ CUTE_DEVICE void bwd_consumer(typename Traits::Params const& p, typename Traits:
   }
   if (wg_leader) bulk_wait_all();
 
-  Element* dv = static_cast<Element*>(a.dv) + b * a.dv_batch + hk * a.dv_head;
-  Element* dk = static_cast<Element*>(a.dk) + b * a.dk_batch + hk * a.dk_head;
-  store_dkv<T>(tdVrdV, thr_dkv, 1.f, dv, a.dv_row, a, blk.n0);
-  store_dkv<T>(tdKrdK, thr_dkv, a.scale, dk, a.dk_row, a, blk.n0);
+  store_dkv<T>(tdVrdV, tdKrdK, thr_dkv, ss, a, blk.n0);
 }
 
 // Adds one warpgroup's dQ fragment to the fp32 workspace from registers (16-byte vector atomics, in
@@ -540,10 +585,7 @@ CUTE_DEVICE void bwd_consumer_shared_keys(typename Traits::Params const& p, type
       for (int m = blk.m_begin; m < blk.m_end; ++m) step(hk * a.heads_per_kv_head + g, m);
     }
   }
-  Element* dv = static_cast<Element*>(a.dv) + b * a.dv_batch + hk * a.dv_head;
-  Element* dk = static_cast<Element*>(a.dk) + b * a.dk_batch + hk * a.dk_head;
-  store_dkv<T>(tdVrdV, thr_dkv, 1.f, dv, a.dv_row, a, blk.n0);
-  store_dkv<T>(tdKrdK, thr_dkv, a.scale, dk, a.dk_row, a, blk.n0);
+  store_dkv<T>(tdVrdV, tdKrdK, thr_dkv, ss, a, blk.n0);
 }
 
 template <class Traits>

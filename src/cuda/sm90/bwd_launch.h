@@ -99,13 +99,10 @@ Status launch_bwd(const BackwardParams& p) {
   const dim3 main_grid((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, p.num_heads_k, p.batch);
   const dim3 dq_grid(a.m_blocks, p.num_heads, p.batch);
   auto main_kernel = bwd_main_kernel<Traits>;
-  Status st = bwd_cuda(cudaMemsetAsync(a.dq_accum, 0, work.dq_floats * sizeof(float), stream), "memset");
+  Status st = bwd_cuda(cudaFuncSetAttribute(main_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
+                       "shared memory attribute");
   if (st.ok()) {
-    st = bwd_cuda(cudaFuncSetAttribute(main_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
-                  "shared memory attribute");
-  }
-  if (st.ok()) {
-    bwd_prep_kernel<kD, kM, Element><<<prep_grid, kBwdRowThreads, 0, stream>>>(a);
+    bwd_prep_kernel<kD, kM, Element><<<prep_grid, kBwdRowThreads, 0, stream>>>(a);  // also zeroes dq_accum
     main_kernel<<<main_grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(bwd_params<Traits>(p, a));
     bwd_dq_kernel<Traits><<<dq_grid, Traits::kConsumerThreads, 0, stream>>>(a);
     st = bwd_cuda(cudaGetLastError(), "kernel launch");

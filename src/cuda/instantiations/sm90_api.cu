@@ -240,7 +240,9 @@ std::string backward_unsupported_reason(const BackwardParams& p) {
   if (p.dropout_p > 0.f) return no + "dropout is served by the sm80 backward";
   if (p.alibi_slopes != nullptr) return no + "alibi_slopes are served by the sm80 backward";
   if (p.softcap > 0.f) return no + "softcap is served by the sm80 backward";
-  if (p.deterministic) return no + "deterministic=True is served by the sm80 backward";
+  if (p.deterministic && p.window_left >= 0) {
+    return no + "deterministic=True with a left window edge is served by the sm80 backward";
+  }
   if (!(p.softmax_scale > 0.f)) return no + "softmax_scale must be > 0";
   if (p.batch > 65535 || p.num_heads > 65535) return no + "batch and num_heads must be <= 65535";
   const std::string operands = bwd_operand_reason(p);

@@ -29,9 +29,12 @@ struct BwdArgs {
   //   dsum     (B, H, rows): rowsum(dO * O), 0 on padding rows
   //   dq_accum (B, H, m_blocks, block_m * head_dim_kernel): fp32 dQ in the register order of the
   //            main kernel's dQ fragments (see dq_chunk_offset), zeroed by the preprocess.
+  //   dq_turns (B, H, m_blocks) ints, deterministic=True only: dQ adds done per tile (see wait_dq_turn),
+  //            zeroed by the preprocess.
   float* lse_log2 = nullptr;
   float* dsum = nullptr;
   float* dq_accum = nullptr;
+  int* dq_turns = nullptr;
 
   // Outputs.
   void* dq = nullptr;

@@ -22,6 +22,8 @@
 // (ragged tail, causal / window edges) need masking, and only in blocks that straddle an edge.
 #pragma once
 
+#include <cuda/atomic>
+#include <cuda/ptx>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
@@ -55,6 +57,9 @@ __global__ void __launch_bounds__(kBwdRowThreads) bwd_prep_kernel(const __grid_c
     float4* z = reinterpret_cast<float4*>(a.dq_accum + ((int64_t(b) * a.num_heads + h) * a.m_blocks * kBlockM + i) *
                                                            kHeadDim + c);
     z[0] = z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (a.dq_turns != nullptr && i % kBlockM == 0 && c == 0) {
+      a.dq_turns[(int64_t(b) * a.num_heads + h) * a.m_blocks + i / kBlockM] = 0;
+    }
   }
   float sum = 0.f;
   if (i < a.seqlen_q && c < a.head_dim) {
@@ -85,8 +90,26 @@ CUTE_HOST_DEVICE constexpr int dq_chunk_offset(int t, int j) {
   return (t / 128) * (Traits::kDqElems / 2) + (j * 128 + t % 128) * 4;
 }
 
-CUTE_DEVICE int64_t dq_tile_offset(const BwdArgs& a, int b, int h, int m, int tile_elems) {
-  return ((int64_t(b) * a.num_heads + h) * a.m_blocks + m) * tile_elems;
+// Index of the dQ tile of query block m of (batch b, head h): dq_accum holds kDqElems floats per tile.
+CUTE_DEVICE int64_t dq_tile(const BwdArgs& a, int b, int h, int m) {
+  return (int64_t(b) * a.num_heads + h) * a.m_blocks + m;
+}
+
+// deterministic=True: the key blocks of a (batch, head) add into each dQ tile in key-block order, so
+// the fp32 sums, and dQ, are the same on every call. With no left window edge (sm90_api declines one)
+// the key blocks that meet query block m are 0 .. n for some n, so block n's adds come after 2n others
+// (two warpgroups per CTA, each adding its half of the tile): a warpgroup waits for that count, adds,
+// and counts itself once its adds are complete.
+CUTE_DEVICE void wait_dq_turn(const BwdArgs& a, int64_t tile) {
+  cuda::atomic_ref<int, cuda::thread_scope_device> done(a.dq_turns[tile]);
+  const int turn = 2 * int(blockIdx.x);
+  while (done.load(cuda::memory_order_acquire) != turn) {
+  }
+}
+
+CUTE_DEVICE void pass_dq_turn(const BwdArgs& a, int64_t tile) {
+  cuda::atomic_ref<int, cuda::thread_scope_device> done(a.dq_turns[tile]);
+  done.fetch_add(1, cuda::memory_order_release);
 }
 
 // dQ = softmax_scale * workspace tile in fp16/bf16: the tile is read in the main kernel's register order
@@ -100,7 +123,7 @@ __global__ void __launch_bounds__(Traits::kConsumerThreads) bwd_dq_kernel(const 
   const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z, t = threadIdx.x;
   typename Traits::MmaDQ mma;
   Tensor coord = mma.get_thread_slice(t).partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileDQ{})));
-  const float* acc = a.dq_accum + dq_tile_offset(a, b, h, m, Traits::kDqElems);
+  const float* acc = a.dq_accum + dq_tile(a, b, h, m) * Traits::kDqElems;
   CUTE_UNROLL
   for (int j = 0; j < size(coord) / 4; ++j) {
     const float4 x = *reinterpret_cast<const float4*>(acc + dq_chunk_offset<Traits>(t, j));
@@ -442,9 +465,16 @@ CUTE_DEVICE void bwd_consumer(typename Traits::Params const& p, typename Traits:
     cutlass::arch::fence_view_async_shared();
     named_bar_sync(kBarDqStaged + wg, 128);
     if (wg_leader) {
-      float* gdq = a.dq_accum + dq_tile_offset(a, b, h, m, T::kDqElems) + wg * (T::kDqElems / 2);
-      bulk_reduce_add(gdq, dq_stage, T::kDqElems / 2 * sizeof(float));
+      const int64_t tile = dq_tile(a, b, h, m);
+      if (a.dq_turns != nullptr) wait_dq_turn(a, tile);
+      bulk_reduce_add(a.dq_accum + tile * T::kDqElems + wg * (T::kDqElems / 2), dq_stage,
+                      T::kDqElems / 2 * sizeof(float));
       cute::tma_store_arrive();
+      if (a.dq_turns != nullptr) {  // the reduce-add complete and visible before the count
+        bulk_wait_all();
+        cuda::ptx::fence_proxy_async(cuda::ptx::space_global);
+        pass_dq_turn(a, tile);
+      }
     }
   };
 
@@ -576,7 +606,17 @@ CUTE_DEVICE void bwd_consumer_shared_keys(typename Traits::Params const& p, type
     pipe_do.consumer_release(read_do);
     ++read_do;
     buf ^= 1;
-    atomic_add_dq<T>(a.dq_accum + dq_tile_offset(a, b, h, m, T::kDqElems), tdQrdQ, tidx);
+    const int64_t tile = dq_tile(a, b, h, m);
+    if (a.dq_turns != nullptr) {
+      if (tidx % 128 == 0) wait_dq_turn(a, tile);
+      named_bar_sync(kBarOwnStores + wg, 128);
+    }
+    atomic_add_dq<T>(a.dq_accum + tile * T::kDqElems, tdQrdQ, tidx);
+    if (a.dq_turns != nullptr) {  // every thread's adds performed before the count
+      __threadfence();
+      named_bar_sync(kBarOwnStores + wg, 128);
+      if (tidx % 128 == 0) pass_dq_turn(a, tile);
+    }
   };
 
   if (blk.m_begin < blk.m_end) {

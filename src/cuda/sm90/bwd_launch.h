@@ -50,18 +50,20 @@ inline BwdArgs make_bwd_args(const BackwardParams& p, int block_m) {
   return a;
 }
 
-// Workspace of one call, in floats: lse_log2 and dsum (`rows` each), then dq_accum (see BwdArgs).
+// Workspace of one call, in floats: lse_log2 and dsum (`rows` each), then dq_accum, then the dq_turns
+// ints when deterministic (see BwdArgs).
 // `rows` is a multiple of 64, so every part stays 256-byte aligned.
 struct BwdWorkspace {
   int64_t rows = 0;
   int64_t dq_floats = 0;
-  size_t bytes() const { return size_t(2 * rows + dq_floats) * sizeof(float); }
+  int64_t turns = 0;  // deterministic only
+  size_t bytes() const { return size_t(2 * rows + dq_floats) * sizeof(float) + size_t(turns) * sizeof(int); }
 };
 
 template <class Traits>
-BwdWorkspace bwd_workspace(const BwdArgs& a) {
+BwdWorkspace bwd_workspace(const BwdArgs& a, bool deterministic) {
   const int64_t tiles = int64_t(a.batch) * a.num_heads * a.m_blocks;
-  return {tiles * Traits::kBlockM, tiles * Traits::kDqElems};
+  return {tiles * Traits::kBlockM, tiles * Traits::kDqElems, deterministic ? tiles : 0};
 }
 
 template <class Traits>
@@ -86,13 +88,14 @@ Status launch_bwd(const BackwardParams& p) {
   constexpr int kD = Traits::kHeadDim, kM = Traits::kBlockM;
   const auto stream = static_cast<cudaStream_t>(p.stream);
   BwdArgs a = make_bwd_args(p, kM);
-  const BwdWorkspace work = bwd_workspace<Traits>(a);
+  const BwdWorkspace work = bwd_workspace<Traits>(a, p.deterministic);
   float* ws = nullptr;
   FA_RETURN_IF_ERROR(bwd_cuda(cudaMallocAsync(reinterpret_cast<void**>(&ws), work.bytes(), stream),
                               "workspace allocation"));
   a.lse_log2 = ws;
   a.dsum = ws + work.rows;
   a.dq_accum = ws + 2 * work.rows;
+  a.dq_turns = work.turns > 0 ? reinterpret_cast<int*>(a.dq_accum + work.dq_floats) : nullptr;
 
   const int rows = a.m_blocks * kM;
   const dim3 prep_grid((rows + bwd_rows_per_cta<kD>() - 1) / bwd_rows_per_cta<kD>(), p.num_heads, p.batch);

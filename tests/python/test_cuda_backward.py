@@ -74,11 +74,12 @@ def check_grads(ours, q, k, v, dout, varlen=(), **options):
             raise AssertionError(f"{name}: {e}") from None
 
 
-def autograd_grads(fn, q, k, v, **options):
-    """(out, dout, (dq, dk, dv)) of fn(q, k, v, **options, backend='cuda') through loss.backward()."""
+def autograd_grads(fn, q, k, v, dout=None, **options):
+    """(out, dout, (dq, dk, dv)) of fn(q, k, v, **options, backend='cuda') through loss.backward();
+    dout: the output gradient (default: fresh random)."""
     lq, lk, lv = leaves(q, k, v)
     out = fn(lq, lk, lv, backend="cuda", **options)
-    dout = torch.randn_like(out)
+    dout = torch.randn_like(out) if dout is None else dout
     poison_pool(lq, lk, lv)
     (out * dout).sum().backward()
     return out, dout, (lq.grad, lk.grad, lv.grad)
@@ -270,10 +271,7 @@ def test_deterministic_through_autograd():
     dout = torch.randn_like(q)
 
     def grads():
-        lq, lk, lv = leaves(q, k, v)
-        out = flash_attention.flash_attn_func(lq, lk, lv, causal=True, deterministic=True, backend="cuda")
-        (out * dout).sum().backward()
-        return lq.grad, lk.grad, lv.grad
+        return autograd_grads(flash_attention.flash_attn_func, q, k, v, dout, causal=True, deterministic=True)[2]
 
     first = grads()
     for _ in range(4):

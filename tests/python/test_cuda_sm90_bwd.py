@@ -10,7 +10,7 @@ import torch
 
 import flash_attention as fa
 import _util
-from test_cuda_backward import autograd_grads, check_grads, leaves, poison_pool, reference_grads
+from test_cuda_backward import autograd_grads, check_grads, poison_pool, reference_grads
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -117,10 +117,7 @@ def test_agrees_with_sm80_backward(d, monkeypatch):
     dout = torch.randn_like(q)
 
     def grads():
-        lq, lk, lv = leaves(q, k, v)
-        out = fa.flash_attn_func(lq, lk, lv, causal=True, backend="cuda")
-        (out * dout).sum().backward()
-        return lq.grad, lk.grad, lv.grad
+        return autograd_grads(fa.flash_attn_func, q, k, v, dout, causal=True)[2]
 
     ours = grads()
     monkeypatch.setenv("FLASH_ATTENTION_BWD_PATH", "sm80")
@@ -141,10 +138,7 @@ def test_deterministic(d, causal):
     dout = torch.randn_like(q)
 
     def grads():
-        lq, lk, lv = leaves(q, k, v)
-        out = fa.flash_attn_func(lq, lk, lv, causal=causal, deterministic=True, backend="cuda")
-        (out * dout).sum().backward()
-        return lq.grad, lk.grad, lv.grad
+        return autograd_grads(fa.flash_attn_func, q, k, v, dout, causal=causal, deterministic=True)[2]
 
     first = grads()
     for _ in range(49):

@@ -279,12 +279,41 @@ struct Plan {
   bool partials() const { return splits > 1 && !cluster; }
 };
 
-// Hopper: the splits of a tile run as one thread block cluster and merge through distributed shared memory
-// when they fit in a portable cluster: no partials, no counters to zero (one graph node less), no merge
-// through L2. H200, same run (H 32 / Hk 8, D 128, time per call in a CUDA graph): B = 1, 1k keys
+// Key blocks of the capacity, and the blocks of one of `splits` runs as the kernel cuts them (cta_keys):
+// whole rounds of the CTA's warps.
+int64_t key_blocks(const KVCacheParams& p) {
+  return std::max<int64_t>(1, (p.capacity() + decode::kDecodeBlock - 1) / decode::kDecodeBlock);
+}
+int64_t split_blocks(int64_t blocks, int splits, int warps) {
+  return ((blocks + splits - 1) / splits + warps - 1) / warps * warps;
+}
+
+// Hopper: the splits of a tile can run as one thread block cluster and merge through distributed shared
+// memory when they fit in a portable cluster: no partials, no counters to zero (one graph node less), no
+// merge through L2. H200, same run (H 32 / Hk 8, D 128, time per call in a CUDA graph): B = 1, 1k keys
 // 12.7 -> 7.8 us; B = 8, 1k 19.2 -> 14.9 us, 8k 72.9 -> 68.4 us.
-void choose_merge(const DeviceShape& dev, Plan& plan) {
-  plan.cluster = dev.major >= 9 && plan.splits > 1 && plan.splits <= decode::kMaxClusterSplits;
+// But clusters of three or more 4-warp CTAs (three of which fit an SM) slow the main loop down (issue #6,
+// benchmarks/results/h200_decode_mid_ab.csv): B = 4 (4 splits) at 8k / 32k / 128k keys 44.6 / 155.6 /
+// 595.8 us as clusters, 42.1 / 135.0 / 506.9 through partials; B = 3 (5 splits) at 32k 120.4 -> 106.5;
+// B = 2 with 8 4-warp splits at 128k 287.1 -> 259.7; B = 16 (3 splits) at 8k 144.5 -> 137.6. The cluster
+// still wins where a warp's share of the split is short, so that the merge is a large part of the time
+// (B = 1 / 2 / 4 at 1k keys, 2-4 blocks per warp: 8.0 / 9.6 / 12.0 us against 11.3 / 12.3 / 14.2; B = 3 at
+// 8k, 26 blocks, about even: 35.8 / 34.9 and 33.8 / 34.2 us in two runs), for clusters of two 4-warp CTAs
+// at every length (B = 6 and 8, 2 splits: 0.6-16 % faster) and for the wide CTA, one per SM (B = 1 and 2:
+// 7-17 % faster).
+// FLASH_ATTENTION_DECODE_CLUSTER (read per call, for A/B runs): unset = that rule, "1" = every split count
+// that fits a cluster (the plan before issue #6), "0" = never.
+void choose_merge(const KVCacheParams& p, const DeviceShape& dev, Plan& plan) {
+  constexpr int64_t kShortSplitBlocks = 16;  // key blocks per warp
+  const bool fits = dev.major >= 9 && plan.splits > 1 && plan.splits <= decode::kMaxClusterSplits;
+  const char* env = std::getenv("FLASH_ATTENTION_DECODE_CLUSTER");
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) {
+    plan.cluster = fits && env[0] == '1';
+    return;
+  }
+  const int64_t per_warp = split_blocks(key_blocks(p), plan.splits, plan.warps) / plan.warps;
+  const bool fast = plan.warps == decode::kDecodeWarpsWide || plan.splits <= 2 || per_warp <= kShortSplitBlocks;
+  plan.cluster = fits && fast;
 }
 
 // Time model of one launch (microseconds) for the many-CTA regime of make_plan, fitted to H200
@@ -330,11 +359,9 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
   Plan plan;
   const int tiles = (p.seqlen_q * (p.num_heads / p.num_heads_k) + decode::kDecodeRows - 1) / decode::kDecodeRows;
   plan.ctas_per_split = tiles * p.num_heads_k;
-  const int64_t blocks = std::max<int64_t>(1, (p.capacity() + decode::kDecodeBlock - 1) / decode::kDecodeBlock);
-  // Rounds of plan.warps, as the kernel cuts them (cta_keys); widen() switches to the wide CTA.
-  auto per_split = [&](int splits) {
-    return ((blocks + splits - 1) / splits + plan.warps - 1) / plan.warps * plan.warps;
-  };
+  const int64_t blocks = key_blocks(p);
+  // Rounds of plan.warps, as the kernel cuts them; widen() switches to the wide CTA.
+  auto per_split = [&](int splits) { return split_blocks(blocks, splits, plan.warps); };
   auto fewest = [&](int splits) { return static_cast<int>((blocks + per_split(splits) - 1) / per_split(splits)); };
   auto widen = [&](int splits) {
     plan.warps = decode::kDecodeWarpsWide;
@@ -388,7 +415,7 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
 Plan make_plan(const KVCacheParams& p) {
   const DeviceShape dev = device_shape();
   Plan plan = split_plan(p, dev);
-  choose_merge(dev, plan);
+  choose_merge(p, dev, plan);
   return plan;
 }
 

@@ -376,6 +376,25 @@ def test_cuda_wide_ctas(monkeypatch, wide):
 
 
 @needs_cuda
+@pytest.mark.parametrize("cluster", ["auto", "1", "0"])
+def test_cuda_cluster_merge_choice(monkeypatch, cluster):
+    """FLASH_ATTENTION_DECODE_CLUSTER (sm90, host plan only; elsewhere ignored). B = 4 with 8k keys: 4 splits
+    of 4-warp CTAs merge through partials by default (a cluster with "1"), B = 4 with 1k keys and B = 8 in
+    clusters; explicit counts of 3 and 8 splits; repeated calls are bit-identical."""
+    if cluster == "auto":
+        monkeypatch.delenv("FLASH_ATTENTION_DECODE_CLUSTER", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_ATTENTION_DECODE_CLUSTER", cluster)
+    for B, Sk, page in ((4, 8000, None), (4, 8000, 16), (4, 1000, None), (8, 3000, 16)):
+        pr = make_problem("cuda", B=B, Sq=1, H=32, Hk=8, D=128, Sk=Sk, page=page, new=1, leftpad=True, seed=B + Sk)
+        for splits in (0, 3, 8):
+            run_and_check(pr, num_splits=splits)
+            first = flash_attn_with_kvcache(**pr, num_splits=splits, return_softmax_lse=True)
+            again = flash_attn_with_kvcache(**pr, num_splits=splits, return_softmax_lse=True)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), f"num_splits={splits}"
+
+
+@needs_cuda
 def test_cuda_unaligned_q():
     """q whose rows are not 16-byte aligned (odd strides, an odd base offset): the decode kernel reads q in
     16-byte chunks, so such q go through an aligned copy first."""

@@ -117,6 +117,20 @@ def test_sm90_auto_matches_explicit():
     assert torch.equal(auto, explicit)
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])  # O staged in its own buffer (N = 128 tiles) or in V (N = 176, 80)
+def test_sm90_register_epilogue_matches_tma_store(d, monkeypatch):
+    """FLASH_ATTENTION_SM90_FWD=0 stores O from registers instead of through TMA: the same bytes."""
+    if kernel_head_dim(d) != d:
+        pytest.skip(f"no sm90 kernel built for head dim {d}")
+    q, k, v = qkv(2, 300, 300, 4, 4, d, dtype=torch.bfloat16, device="cuda")
+    for config in SM90_TILES[d]:
+        monkeypatch.delenv("FLASH_ATTENTION_SM90_FWD", raising=False)
+        tma, tma_lse = run(q, k, v, config)
+        monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "0")
+        registers, registers_lse = run(q, k, v, config)
+        assert torch.equal(tma, registers) and torch.equal(tma_lse, registers_lse), config
+
+
 @pytest.mark.parametrize("what", ["alibi", "dropout", "unaligned"])
 def test_sm90_declines_with_reason(what):
     config = SM90_TILES[kernel_head_dim(64)][0]

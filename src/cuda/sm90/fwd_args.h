@@ -11,6 +11,13 @@
 
 namespace flash_attention::sm90 {
 
+// Switchable parts of the forward kernel (FwdArgs::features; FLASH_ATTENTION_SM90_FWD, an integer mask,
+// overrides the default per call, for A/B runs).
+enum FwdFeature : unsigned {
+  kFwdTmaStoreO = 1u,  // O leaves through shared memory and a TMA store (else pairs stored from registers)
+  kFwdDefault = kFwdTmaStoreO,
+};
+
 struct FwdArgs {
   int seqlen_q = 0;  // exact, or the maximum over the batch for varlen
   int seqlen_k = 0;
@@ -44,7 +51,10 @@ struct FwdArgs {
   int num_tiles = 0;
   int heads_per_section = 1;  // in units of (batch, head) pairs
 
+  unsigned features = kFwdDefault;
+
   FA_SM90_HOST_DEVICE bool is_varlen() const { return cu_seqlens_q != nullptr; }
+  FA_SM90_HOST_DEVICE bool has(FwdFeature f) const { return (features & f) != 0; }
 };
 
 }  // namespace flash_attention::sm90

@@ -10,8 +10,9 @@
 //                       softmax of S overlaps the P V wgmma; P stays in registers.
 //                     Consumer warpgroups take turns issuing wgmma (named barriers), so one's softmax
 //                     runs while the other's GEMMs occupy the tensor cores.
-//   epilogue          O / rowsum -> bf16/fp16 pairs stored from registers (bounds-checked) while the
-//                     producer already loads the next tile; LSE from the quad leader.
+//   epilogue          O / rowsum -> bf16/fp16 -> shared memory (stmatrix) -> global memory by one TMA
+//                     store per warpgroup, which the next tile does not wait for; LSE from the quad
+//                     leader. (Pairs stored straight from registers cost 4-13k cycles a tile.)
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -273,7 +274,7 @@ CUTE_DEVICE void producer(typename Traits::Params const& p, typename Traits::Sha
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVLoad{});
   auto state_k = cutlass::make_producer_start_state<typename Traits::Pipeline>();
   auto state_v = state_k;
-  int q_empty_phase = 0;
+  int q_empty_phase = 0, o_empty_phase = 0;
   bool first_tile = true;
 
   auto load_tile = [&](const Tile& tile, const BlockInfo& bi) {
@@ -300,9 +301,11 @@ CUTE_DEVICE void producer(typename Traits::Params const& p, typename Traits::Sha
       cutlass::arch::ClusterBarrier::wait(&ss.q_empty, q_empty_phase);
       q_empty_phase ^= 1;
     }
-    first_tile = false;
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.q_full, Traits::kTmaBytesQ);
     copy(p.tma_q.with(ss.q_full, 0), get<0>(tq), get<1>(tq));
+    // Where the previous tile's O is staged in the V buffer, its store must have read it first.
+    bool wait_o = Traits::kOAliasesV && p.args.has(kFwdTmaStoreO) && !first_tile;
+    first_tile = false;
 
     // Order: K of the first block, then (K of block n, V of block n + 1): the consumer needs the next
     // K before the previous V.
@@ -312,6 +315,11 @@ CUTE_DEVICE void producer(typename Traits::Params const& p, typename Traits::Sha
       ++state_k;
     };
     auto load_v = [&](int n) {
+      if (wait_o) {
+        cutlass::arch::ClusterBarrier::wait(&ss.o_empty, o_empty_phase);
+        o_empty_phase ^= 1;
+        wait_o = false;
+      }
       pipe_v.producer_acquire(state_v);
       copy(p.tma_v.with(*pipe_v.producer_get_barrier(state_v), 0), tVg(_, n), tVs(_, state_v.index()));
       ++state_v;
@@ -331,7 +339,66 @@ template <class Traits>
 struct ConsumerState {
   typename Traits::PipelineState read_k, read_v;
   int q_full_phase = 0;
+  bool o_store_pending = false;  // this warpgroup's last O store may still be reading shared memory
 };
+
+// Named barriers of the O epilogue, after the turn-taking ones (1..W).
+template <class Traits>
+struct OBarriers {
+  static constexpr int kAll = 1 + Traits::kConsumerWGs;                   // every consumer thread
+  static CUTE_DEVICE int wg(int w) { return 2 + Traits::kConsumerWGs + w; }  // one warpgroup
+};
+
+// The warpgroup's previous O store has read its staging tile: its storing thread waits (long done by the
+// next tile's first Q K^T, where this runs) and, where O is staged in the V buffer, lets the producer
+// load V there again.
+template <class Traits>
+CUTE_DEVICE void finish_o_store(typename Traits::SharedStorage& ss, ConsumerState<Traits>& cs, int tidx) {
+  if (!cs.o_store_pending) return;
+  cs.o_store_pending = false;
+  if (tidx % 128 == 0) {
+    tma_store_wait<0>();
+    if constexpr (Traits::kOAliasesV) cutlass::arch::ClusterBarrier::arrive(&ss.o_empty);
+  }
+}
+
+// O (converted, in accumulator layout) -> the warpgroup's (64, D) staging tile with stmatrix -> global
+// memory with one TMA store (rows and columns past the tensor are clipped). Not for varlen tiles that
+// straddle the end of their sequence: the map covers every sequence.
+template <class Traits, class TO>
+CUTE_DEVICE void store_o_tma(typename Traits::Params const& p, typename Traits::SharedStorage& ss, TO const& tOrO,
+                             const Tile& tile, const BlockInfo& bi, int tidx) {
+  using ElementOut = typename Traits::ElementOut;
+  using Bars = OBarriers<Traits>;
+  const int wg = tidx / 128, t = tidx % 128;
+  // Staged in V: both warpgroups' last P V must be done. Own buffer: this warpgroup's previous store has
+  // read it (finish_o_store, by its storing thread).
+  if constexpr (Traits::kOAliasesV) {
+    named_bar_sync(Bars::kAll, Traits::kConsumerThreads);
+  } else {
+    named_bar_sync(Bars::wg(wg), 128);
+  }
+  Tensor sO = make_tensor(make_smem_ptr(ss.o_tile(wg)), typename Traits::SmemLayoutOWG{});
+  auto r2s = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, ElementOut>{}, typename Traits::MmaPVWG{});
+  auto thr = r2s.get_thread_slice(t);
+  copy(r2s, thr.retile_S(tOrO), thr.partition_D(sO));
+  cutlass::arch::fence_view_async_shared();  // these writes are read by TMA (async proxy)
+  // The storing warp waits for the other three; they go on to the next tile.
+  if (t < 32) {
+    named_bar_sync(Bars::wg(wg), 128);
+  } else {
+    named_bar_arrive(Bars::wg(wg), 128);
+  }
+  if (t == 0) {
+    const FwdArgs& a = p.args;
+    Tensor mO = p.tma_o.get_tma_tensor(p.shape_q)(_, _, tile.h, a.is_varlen() ? 0 : tile.b);
+    Tensor gO = local_tile(domain_offset(make_coord(bi.offset_q, _0{}), mO), select<0, 1>(typename Traits::TilePVWG{}),
+                           make_coord(tile.m_block * Traits::kConsumerWGs + wg, _0{}));  // (64, D)
+    auto thr_tma = p.tma_o.get_slice(_0{});
+    copy(p.tma_o, thr_tma.partition_S(sO), thr_tma.partition_D(gO));
+    tma_store_arrive();
+  }
+}
 
 template <class Traits>
 CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits::SharedStorage& ss,
@@ -398,6 +465,7 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   Turns::wait(wg);
   wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, cs.read_k.index()), tSrS);
   Turns::pass(wg);
+  finish_o_store<Traits>(ss, cs, tidx);
   warpgroup_wait<0>();
   pipe_k.consumer_release(cs.read_k);
   ++cs.read_k;
@@ -439,8 +507,8 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   pipe_v.consumer_release(cs.read_v);
   ++cs.read_v;
 
-  // Epilogue straight from registers (the Q buffer may already hold the next tile's Q):
-  // O / rowsum as pairs of fp16/bf16, LSE from the quad leader.
+  // Epilogue: O / rowsum through shared memory and TMA, or as pairs of fp16/bf16 straight from registers;
+  // LSE from the quad leader.
   float inv_sum[kRows], lse[kRows];
   softmax.finalize(inv_sum, lse);
   if constexpr (Traits::kFp8) {
@@ -453,23 +521,32 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   Tensor out_rc = make_tensor(tOrO_e.data(), acc_rowcol(tOrO_e.layout()));
   Tensor tOcO = thr_pv.partition_C(make_identity_tensor(select<0, 1>(TilePV{})));
   Tensor ocoord = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
-  ElementOut* out = out_tile_ptr<ElementOut>(a, bi, tile.h, tile.b);
+  if (a.has(kFwdTmaStoreO) && (!a.is_varlen() || row0 + Traits::kBlockM <= bi.seqlen_q)) {
+    store_o_tma<Traits>(p, ss, tOrO_e, tile, bi, tidx);
+  } else {
+    ElementOut* out = out_tile_ptr<ElementOut>(a, bi, tile.h, tile.b);
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int i = row0 + get<0>(ocoord(r, 0));
+      if (i >= bi.seqlen_q) continue;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(out_rc); c += 2) {
+        const int col = get<1>(ocoord(r, c));  // even; (c, c + 1) are adjacent columns
+        if (col < a.head_dim) {
+          cutlass::Array<ElementOut, 2> pair;
+          pair[0] = out_rc(r, c);
+          pair[1] = out_rc(r, c + 1);
+          *reinterpret_cast<cutlass::Array<ElementOut, 2>*>(out + int64_t(i) * a.out_row + col) = pair;
+        }
+      }
+    }
+  }
+  cs.o_store_pending = a.has(kFwdTmaStoreO);
   float* lse_out = lse_row_ptr(a, bi, tile.h, tile.b);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int i = row0 + get<0>(ocoord(r, 0));
-    if (i >= bi.seqlen_q) continue;
-    if (tidx % 4 == 0) lse_out[i] = lse[r];
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(out_rc); c += 2) {
-      const int col = get<1>(ocoord(r, c));  // even; (c, c + 1) are adjacent columns
-      if (col < a.head_dim) {
-        cutlass::Array<ElementOut, 2> pair;
-        pair[0] = out_rc(r, c);
-        pair[1] = out_rc(r, c + 1);
-        *reinterpret_cast<cutlass::Array<ElementOut, 2>*>(out + int64_t(i) * a.out_row + col) = pair;
-      }
-    }
+    if (tidx % 4 == 0 && i < bi.seqlen_q) lse_out[i] = lse[r];
   }
 }
 
@@ -486,6 +563,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (threadIdx.x == 0) {
     cutlass::arch::ClusterTransactionBarrier::init(&ss.q_full, 1);
     cutlass::arch::ClusterBarrier::init(&ss.q_empty, Traits::kConsumerThreads);
+    cutlass::arch::ClusterBarrier::init(&ss.o_empty, Traits::kConsumerWGs);
   }
   Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
@@ -505,6 +583,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           write_empty_tile<Traits>(p.args, bi, tile.h, tile.b, tile.m_block, threadIdx.x - 128,
                                    Traits::kConsumerThreads);
         });
+    finish_o_store<Traits>(ss, cs, threadIdx.x - 128);
   }
 }
 

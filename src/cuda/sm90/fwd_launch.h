@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "cuda/sm90/fwd_dispatch.h"
 #include "cuda/sm90/fwd_kernel.h"
@@ -23,15 +25,21 @@ int64_t tma_stride(int64_t stride, int64_t extent) {
   return extent <= 1 ? int64_t(16 / sizeof(Element)) : stride;
 }
 
+// A (rows, head_dim, heads, batch) tensor as a TMA map sees it (Element const for inputs).
+template <class Element>
+auto tma_tensor(Element* ptr, const TensorStrides& st, int64_t rows, int head_dim, int heads, int batch) {
+  using E = std::remove_const_t<Element>;
+  auto shape = make_shape(int32_t(std::max<int64_t>(rows, 1)), int32_t(head_dim), int32_t(heads),
+                          int32_t(batch));
+  auto stride = make_stride(tma_stride<E>(st.row, rows), _1{}, tma_stride<E>(st.head, heads),
+                            tma_stride<E>(st.batch, batch));
+  return make_tensor(make_gmem_ptr(ptr), shape, stride);
+}
+
 template <class Traits>
 typename Traits::GmemTensor gmem_view(const void* ptr, const TensorStrides& st, int64_t rows,
                                       int head_dim, int heads, int batch) {
-  using Element = typename Traits::Element;
-  auto shape = make_shape(int32_t(std::max<int64_t>(rows, 1)), int32_t(head_dim), int32_t(heads),
-                          int32_t(batch));
-  auto stride = make_stride(tma_stride<Element>(st.row, rows), _1{}, tma_stride<Element>(st.head, heads),
-                            tma_stride<Element>(st.batch, batch));
-  return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), shape, stride);
+  return tma_tensor(static_cast<typename Traits::Element const*>(ptr), st, rows, head_dim, heads, batch);
 }
 
 // CuTe's make_tma_copy does not report a failed cuTensorMapEncodeTiled: it prints the descriptor to
@@ -74,6 +82,9 @@ inline FwdArgs make_fwd_args(const ForwardParams& p) {
   a.k_descale = p.k_descale;
   a.v_descale = p.v_descale;
   a.batch = p.batch;
+  if (const char* env = std::getenv("FLASH_ATTENTION_SM90_FWD")) {
+    a.features = unsigned(std::strtoul(env, nullptr, 0));
+  }
   return a;
 }
 
@@ -134,6 +145,10 @@ Status launch_kernel(const ForwardParams& p, const VSource<Traits>& v) {
                     select<1, 2>(typename Traits::TileQK{}), _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, v.tensor, take<0, 2>(typename Traits::SmemLayoutVLoad{}),
                     typename Traits::TileV{}, _1{}),
+      make_tma_copy(SM90_TMA_STORE{},
+                    tma_tensor(static_cast<typename Traits::ElementOut*>(p.out), p.out_strides, rows_q, p.head_dim,
+                               p.num_heads, batch),
+                    typename Traits::SmemLayoutOWG{}, select<0, 1>(typename Traits::TilePVWG{}), _1{}),
       make_shape(int32_t(std::max<int64_t>(rows_q, 1)), int32_t(p.head_dim), int32_t(p.num_heads), int32_t(batch)),
       make_shape(int32_t(std::max<int64_t>(rows_k, 1)), int32_t(p.head_dim), int32_t(p.num_heads_k), int32_t(batch)),
       v.shape,
@@ -143,6 +158,7 @@ Status launch_kernel(const ForwardParams& p, const VSource<Traits>& v) {
   const char* refused = q_read && !tma_encoded(params.tma_q)    ? "q"
                         : kv_read && !tma_encoded(params.tma_k) ? "k"
                         : kv_read && !tma_encoded(params.tma_v) ? (Traits::kFp8 ? "the V^T workspace" : "v")
+                        : q_read && !tma_encoded(params.tma_o)  ? "out"
                                                                 : nullptr;
   if (refused != nullptr) {
     return Status::Internal(std::string("sm90 forward: cuTensorMapEncodeTiled refused the TMA map of ") + refused +

@@ -89,17 +89,50 @@ struct FwdTraits {
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
 
+  // O leaves through shared memory: each consumer warpgroup writes its (64, D) rows with stmatrix and one
+  // thread stores them with TMA. The staging tile has its own buffer where shared memory allows; else it
+  // takes the start of the V buffer, free once both warpgroups finished the tile's last P V (the producer
+  // then holds the next tile's V loads until the store has read it).
+  using TilePVWG = Shape<_64, Int<kHeadDim>, Int<kBlockN>>;  // one warpgroup's P V
+  using MmaPVWG = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, TilePVWG, GMMA::Major::K, kMajorV>()));
+  using SmemLayoutOWG = decltype(tile_to_shape(smem_atom_k_major<ElementOut, kHeadDim>(), select<0, 1>(TilePVWG{})));
+  static constexpr int kSmemBytesO = kBlockM * kHeadDim * int(sizeof(ElementOut));
+  static constexpr int kSmemBytesQKV =
+      int((cosize_v<SmemLayoutQ> + cosize_v<SmemLayoutKV> + cosize_v<SmemLayoutVLoad>) * sizeof(Element));
+  static constexpr int kSmemLimit = 227 * 1024;
+  static constexpr bool kOAliasesV = kSmemBytesQKV + kSmemBytesO + 1024 > kSmemLimit;
+  static_assert(!kOAliasesV || kSmemBytesO <= int(cosize_v<SmemLayoutVLoad> * sizeof(Element)));
+
+  struct OBuffer {
+    cute::array_aligned<ElementOut, kBlockM * kHeadDim, 1024> o;
+  };
+  struct NoOBuffer {};
+
   struct SharedStorage {
-    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;  // also stages O in the epilogue
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutVLoad>, 1024> v;
+    std::conditional_t<kOAliasesV, NoOBuffer, OBuffer> o_buffer;
     typename Pipeline::SharedStorage pipe_k;
     typename Pipeline::SharedStorage pipe_v;
     alignas(8) uint64_t q_full;   // Q tile landed (TMA transaction barrier)
     alignas(8) uint64_t q_empty;  // consumers done reading Q (all consumer threads arrive)
+    alignas(8) uint64_t o_empty;  // V buffer free of the last O tile (one thread per consumer warpgroup)
+
+    // The O staging tile of consumer warpgroup wg: (64, D).
+    CUTE_DEVICE ElementOut* o_tile(int wg) {
+      ElementOut* base;
+      if constexpr (kOAliasesV) {
+        base = reinterpret_cast<ElementOut*>(v.data());
+      } else {
+        base = o_buffer.o.data();
+      }
+      return base + wg * 64 * kHeadDim;
+    }
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
-  static_assert(kSmemBytes <= 227 * 1024, "tile does not fit in shared memory");
+  static_assert(kSmemBytes <= kSmemLimit, "tile does not fit in shared memory");
 
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
@@ -115,11 +148,16 @@ struct FwdTraits {
                                        select<1, 2>(TileQK{}), _1{}));
   // V: as K for 16-bit types; FP8 reads V^T as (head_dim, keys, heads, batch) tiles of TileV.
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutVLoad{}), TileV{}, _1{}));
+  using GmemTensorOut =
+      decltype(make_tensor(make_gmem_ptr(static_cast<ElementOut*>(nullptr)), GmemShape{}, GmemStride{}));
+  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensorOut{}, SmemLayoutOWG{},
+                                      select<0, 1>(TilePVWG{}), _1{}));
 
   struct Params {
     TmaQ tma_q;
     TmaKV tma_k;
     TmaV tma_v;
+    TmaO tma_o;  // out, (rows, head_dim, heads, batch) as q
     GmemShape shape_q;
     GmemShape shape_k;
     GmemShape shape_v;

@@ -386,10 +386,10 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
   const int64_t fill = sms / (int64_t(plan.ctas_per_split) * p.batch);
   if (fill >= 2) {
     int splits = int(std::min<int64_t>({fill, std::max<int64_t>(1, blocks / kMinBlocks), max_splits}));
-    // Wide where it measured faster (H200, session 5, tools/_decode_check.sh): 9-16 splits (B = 1 from 2k
-    // keys: 13.0 -> 9.3 us at 2k, 18.7 -> 15.5 at 8k, 136 -> 132 at 128k) and 8 long splits (B = 2 from
-    // 8k keys: -4 / -10 / -12 % at 8k / 32k / 128k); not 8 short splits (B = 1, 1k: +12 %) or 2-4
-    // (B = 4: +7-9 %, B = 8: +6 %).
+    // Wide where it measured faster (H200, session 5, benchmarks/results/h200_decode_wide_ab.csv): 9-16
+    // splits (B = 1 from 2k keys: 13.0 -> 9.3 us at 2k, 18.7 -> 15.5 at 8k, 136 -> 132 at 128k) and 8 long
+    // splits (B = 2 from 8k keys: -4 / -10 / -12 % at 8k / 32k / 128k); not 8 short splits (B = 1, 1k:
+    // +12 %) or 2-4 (B = 4: +7-9 %, B = 8: +6 %).
     const bool past_cluster = splits > decode::kMaxClusterSplits && splits <= 2 * decode::kMaxClusterSplits;
     const bool long_splits = splits == decode::kMaxClusterSplits &&
                              blocks >= int64_t(splits) * 4 * decode::kDecodeWarpsWide;

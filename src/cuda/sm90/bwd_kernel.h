@@ -1,12 +1,14 @@
 // The sm90 backward: three kernels per call.
 //
 //   bwd_prep_kernel   per query row: dsum = rowsum(dO * O) and lse_log2 = lse * log2(e), into
-//                     workspace rows padded to whole query blocks (padding: dsum 0, lse +inf).
+//                     workspace rows padded to whole query blocks (padding: dsum 0, lse +inf); zeroes
+//                     the rows' dq_accum (and the dQ turn counters of deterministic calls).
 //   bwd_main_kernel   one CTA per (key block, kv head, batch); warp-specialised:
 //     warpgroup 0       producer: one thread loads K, V once (TMA), then for every query head of the
 //                       GQA group and every query block that sees these keys: Q + lse_log2 and
 //                       dO + dsum into `kStages`-deep shared-memory rings (TMA + bulk copies).
-//     warpgroups 1, 2   consumers, 64 keys each. Per query block:
+//     warpgroups 1, 2   consumers. Per-warpgroup keys (head dims <= 128, bwd_consumer), 64 keys each;
+//                       per query block:
 //                         S^T = K Q^T, dP^T = V dO^T        (wgmma SS, issued back to back)
 //                         P^T = exp2(S^T * scale_log2 - lse_log2), masked
 //                         dV += P^T dO                      (wgmma RS, overlaps the dS arithmetic)
@@ -15,7 +17,10 @@
 //                         dQ = dS K over all 128 keys       (wgmma SS after both warpgroups stored dS)
 //                       dQ (fp32) is staged in shared memory in register order and added to the
 //                       workspace with one bulk reduce-add per warpgroup (no per-element atomics).
-//                       dK, dV stay in registers for the whole CTA and are stored once at the end.
+//                       Shared keys (head dim 256, bwd_consumer_shared_keys): the warpgroups share 64
+//                       keys, one computing P^T and the other dS^T, and split D for dV, dK and dQ.
+//                       dK, dV stay in registers for the whole CTA and leave once at the end, staged
+//                       in the Q / dO rings (DkvStage).
 //   bwd_dq_kernel     dQ = softmax_scale * workspace, back to (row, col) order and fp16/bf16.
 //
 // Padding rows of a query block carry lse = +inf (P = 0) and zero-filled Q / dO (TMA), so only keys

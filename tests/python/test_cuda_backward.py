@@ -85,6 +85,14 @@ def autograd_grads(fn, q, k, v, dout=None, **options):
     return out, dout, (lq.grad, lk.grad, lv.grad)
 
 
+def assert_repeatable(run, calls):
+    """`calls` calls of run() return bitwise-equal tensors; returns the first call's."""
+    first = run()
+    for _ in range(calls - 1):
+        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+    return first
+
+
 def qkv(b, sq, sk, h, hk, d, dtype):
     return _util.qkv(b, sq, sk, h, hk, d, dtype=dtype, device=DEV)
 
@@ -257,11 +265,7 @@ def test_deterministic(case):
     dout = torch.randn_like(out)
     run = lambda: bwd_op(dout, q, k, v, out, lse, rng_state, dropout_p=dropout_p, causal=causal, window=window,
                          deterministic=True, varlen=varlen)
-    first = run()
-    for _ in range(49):
-        again = run()
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
+    first = assert_repeatable(run, 50)
     check_grads(first, q, k, v, dout, args, causal=causal, window_size=window, dropout_p=dropout_p,
                 rng_state=rng_state if dropout_p else None)
 
@@ -270,12 +274,8 @@ def test_deterministic_through_autograd():
     q, k, v = qkv(1, 600, 600, 4, 4, 64, torch.bfloat16)
     dout = torch.randn_like(q)
 
-    def grads():
-        return autograd_grads(flash_attention.flash_attn_func, q, k, v, dout, causal=True, deterministic=True)[2]
-
-    first = grads()
-    for _ in range(4):
-        assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    assert_repeatable(
+        lambda: autograd_grads(flash_attention.flash_attn_func, q, k, v, dout, causal=True, deterministic=True)[2], 5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])

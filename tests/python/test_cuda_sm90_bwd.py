@@ -10,7 +10,7 @@ import torch
 
 import flash_attention as fa
 import _util
-from test_cuda_backward import autograd_grads, check_grads, poison_pool, reference_grads
+from test_cuda_backward import assert_repeatable, autograd_grads, check_grads, poison_pool, reference_grads
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -137,12 +137,8 @@ def test_deterministic(d, causal):
     q, k, v = qkv(2, 1100, 1500, 8, 2, d, torch.float16)
     dout = torch.randn_like(q)
 
-    def grads():
-        return autograd_grads(fa.flash_attn_func, q, k, v, dout, causal=causal, deterministic=True)[2]
-
-    first = grads()
-    for _ in range(49):
-        assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    first = assert_repeatable(
+        lambda: autograd_grads(fa.flash_attn_func, q, k, v, dout, causal=causal, deterministic=True)[2], 50)
     check_grads(first, q, k, v, dout, causal=causal)
 
 

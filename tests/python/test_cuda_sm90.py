@@ -119,16 +119,34 @@ def test_sm90_auto_matches_explicit():
 
 @pytest.mark.parametrize("d", [64, 128, 256])  # O staged in its own buffer (N = 128 tiles) or in V (N = 176, 80)
 def test_sm90_register_epilogue_matches_tma_store(d, monkeypatch):
-    """FLASH_ATTENTION_SM90_FWD=0 stores O from registers instead of through TMA: the same bytes."""
+    """FLASH_ATTENTION_SM90_FWD=2 (kFwdLazyRescale alone) stores O from registers instead of through TMA:
+    the same bytes as the default."""
     if kernel_head_dim(d) != d:
         pytest.skip(f"no sm90 kernel built for head dim {d}")
     q, k, v = qkv(2, 300, 300, 4, 4, d, dtype=torch.bfloat16, device="cuda")
     for config in SM90_TILES[d]:
         monkeypatch.delenv("FLASH_ATTENTION_SM90_FWD", raising=False)
         tma, tma_lse = run(q, k, v, config)
-        monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "0")
+        monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "2")
         registers, registers_lse = run(q, k, v, config)
         assert torch.equal(tma, registers) and torch.equal(tma_lse, registers_lse), config
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("features", ["3", "1"])  # lazy rescale (the default) / the max moves at every growth
+def test_sm90_lazy_rescale_with_growing_scores(d, dtype, features, monkeypatch):
+    """Key norms that grow along the sequence (and a few large keys) move the row maxima by a few units at
+    a time, in both walk directions: under kFwdLazyRescale P reaches up to 2^8 between moves. Both settings
+    keep FlashAttention's rule, causal and not, and agree closely with each other."""
+    d_kernel = kernel_head_dim(d)
+    monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", features)
+    q, k, v = qkv(2, 777, 777, 4, 2, d, dtype=dtype, device="cuda")
+    ramp = torch.linspace(0.2, 3.0, k.shape[1], device="cuda", dtype=torch.float32)
+    k = (k.float() * ramp[None, :, None, None]).to(dtype)
+    k[:, ::97] *= 4
+    for causal in (False, True):
+        check(q, k, v, SM90_TILES[d_kernel][-1 if causal else 0], causal=causal)
 
 
 @pytest.mark.parametrize("what", ["alibi", "dropout", "unaligned"])

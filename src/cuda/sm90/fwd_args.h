@@ -15,8 +15,13 @@ namespace flash_attention::sm90 {
 // overrides the default per call, for A/B runs).
 enum FwdFeature : unsigned {
   kFwdTmaStoreO = 1u,  // O leaves through shared memory and a TMA store (else pairs stored from registers)
-  kFwdDefault = kFwdTmaStoreO,
+  kFwdLazyRescale = 2u,  // a row max moves only when it grows by more than kLazyRescaleSlack (not FP8)
+  kFwdDefault = kFwdTmaStoreO | kFwdLazyRescale,
 };
+
+// With kFwdLazyRescale (log2 units): P = exp2(score - row max) may reach 2^8 until the max moves; fp32 sums
+// and the fp16 / bf16 P operand hold that with no loss. Without it the max moves whenever it grows.
+constexpr float kLazyRescaleSlack = 8.f;
 
 struct FwdArgs {
   int seqlen_q = 0;  // exact, or the maximum over the batch for varlen

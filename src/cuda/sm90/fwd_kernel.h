@@ -435,6 +435,8 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   if constexpr (Traits::kFp8) scales = TileScales::make(a, tile);
   OnlineSoftmax<kRows> softmax(scales.scale_log2);
   float factor[kRows];
+  bool moved = false;  // some row of this thread got a new max in the last scores()
+  const float slack = !Traits::kFp8 && a.has(kFwdLazyRescale) ? kLazyRescaleSlack : 0.f;
   const int row0 = m_block * Traits::kBlockM;
 
   // Turns the finished S = Q K^T of key block n into probabilities: softcap, mask, online softmax.
@@ -447,7 +449,7 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
     if (bi.needs_mask<Traits::kBlockM, Traits::kBlockN>(a, m_block, n)) {
       apply_mask(s_rc, coord, a, bi, row0, n * Traits::kBlockN);
     }
-    softmax.update(s_rc, factor);
+    moved = softmax.update(s_rc, factor, slack);
   };
   // After the last Q K^T of the tile: the producer may load the next tile's Q.
   auto release_q_if_last = [&](int n) {
@@ -492,7 +494,7 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
     warpgroup_fence_operand(tOrP);
     pipe_v.consumer_release(cs.read_v);
     ++cs.read_v;
-    scale_rows(tOrO_rc, factor);
+    if (__any_sync(0xffffffffu, moved)) scale_rows(tOrO_rc, factor);
     convert_p<Traits>(tSrS_n, tOrP);
   }
 

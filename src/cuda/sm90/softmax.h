@@ -60,21 +60,28 @@ struct OnlineSoftmax {
     }
   }
 
-  // Replaces the scores `s` (rows x cols view) by exp(score - new max) and returns in `factor`
-  // the rescale to apply to everything accumulated before.
+  // Replaces the scores `s` (rows x cols view) by exp(score - row max) and returns in `factor` the
+  // rescale to apply to everything accumulated before. A row's max moves only when the block's max
+  // exceeds it by more than `slack` (log2 units; 0: whenever it grows): until then factor is exactly 1
+  // and P may reach 2^slack. Returns whether some row of this thread moved (factor may differ from 1);
+  // when no thread of a warp did, its O rescale can be skipped (the result is the same).
   template <class Tensor>
-  CUTE_DEVICE void update(Tensor& s, float (&factor)[kRows]) {
+  CUTE_DEVICE bool update(Tensor& s, float (&factor)[kRows], float slack) {
     static_assert(decltype(size<0>(s))::value == kRows);
+    bool moved = false;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float m = row_max[r];
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s); ++c) m = fmaxf(m, s(r, c));
       m = quad_max(m);
+      const bool move = row_max[r] == -INFINITY || (m - row_max[r]) * scale_log2 > slack;
+      const float m_new = move ? m : row_max[r];
       // A row with nothing visible so far keeps max -inf: use 0 so exp2 gives 0, not NaN.
-      const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-      factor[r] = exp2f(row_max[r] * scale_log2 - m_scaled);
-      row_max[r] = m;
+      const float m_scaled = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+      factor[r] = move ? exp2f(row_max[r] * scale_log2 - m_scaled) : 1.f;
+      moved |= move;
+      row_max[r] = m_new;
       float sum = 0.f;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s); ++c) {
@@ -83,6 +90,7 @@ struct OnlineSoftmax {
       }
       row_sum[r] = row_sum[r] * factor[r] + sum;
     }
+    return moved;
   }
 
   // Final 1/rowsum per row (0 for rows that saw no key) and the natural-log LSE (+inf for those).

@@ -95,6 +95,20 @@ def test_sm90_matches_reference(case, dtype, tile):
     check(q, k, v, tiles[tile], **options)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[6].get("causal") or "window" in c[6]], ids=case_id)
+def test_sm90_dynamic_schedule_matches_reference(case, monkeypatch):
+    """FLASH_ATTENTION_SM90_FWD=15: every causal / local / varlen call takes its tiles from the counter."""
+    monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "15")
+    b, sq, sk, h, hk, d, options = case
+    q, k, v = qkv(b, sq, sk, h, hk, d, dtype=torch.bfloat16, device="cuda")
+    check(q, k, v, SM90_TILES[kernel_head_dim(d)][-1], **options)
+    q, k, v = qkv(2, 2048, 2048, 16, 4, d, dtype=torch.bfloat16, device="cuda")  # many tiles per CTA
+    check(q, k, v, SM90_TILES[kernel_head_dim(d)][-1], causal=True)
+    q, k, v, *varlen = varlen_qkv([100, 0, 37, 256, 1300], [80, 12, 0, 300, 1129], 8, 2, d,
+                                  dtype=torch.bfloat16, device="cuda")
+    check(q, k, v, SM90_TILES[kernel_head_dim(d)][0], *varlen, causal=True)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_sm90_varlen_matches_reference(causal):
     config = SM90_TILES[kernel_head_dim(128)][-1 if causal else 0]

@@ -16,7 +16,10 @@ namespace flash_attention::sm90 {
 enum FwdFeature : unsigned {
   kFwdTmaStoreO = 1u,  // O leaves through shared memory and a TMA store (else pairs stored from registers)
   kFwdLazyRescale = 2u,  // a row max moves only when it grows by more than kLazyRescaleSlack (not FP8)
-  kFwdDefault = kFwdTmaStoreO | kFwdLazyRescale,
+  kFwdDynamicTiles = 4u,  // causal / local: CTAs take tiles from a counter (FwdArgs::tile_counter) where that
+                          // measured faster (fwd_launch.h, use_dynamic_tiles)
+  kFwdDynamicAlways = 8u,  // ... for every causal / local / varlen call with more tiles than CTAs (A/B, tests)
+  kFwdDefault = kFwdTmaStoreO | kFwdLazyRescale | kFwdDynamicTiles,
 };
 
 // With kFwdLazyRescale (log2 units): P = exp2(score - row max) may reach 2^8 until the max moves; fp32 sums
@@ -55,6 +58,9 @@ struct FwdArgs {
   int m_blocks = 0;  // query blocks per (batch, head), from the (max) seqlen_q
   int num_tiles = 0;
   int heads_per_section = 1;  // in units of (batch, head) pairs
+  // Non-null (kFwdDynamicTiles): the same order, but a CTA's next tile is the next one nobody has taken
+  // (gridDim.x + an atomic count from 0), so that light and heavy tiles balance as they run.
+  int* tile_counter = nullptr;
 
   unsigned features = kFwdDefault;
 

@@ -173,6 +173,9 @@ CUTE_DEVICE void write_empty_tile(const FwdArgs& a, const BlockInfo& bi, int h, 
   for (int r = tid; r < rows; r += threads) lse[row0 + r] = INFINITY;
 }
 
+// Keeps a shared-memory access between the mbarrier operations around it (their asm has no memory clobber).
+CUTE_DEVICE void compiler_fence() { asm volatile("" ::: "memory"); }
+
 // Persistent schedule: tile t -> (query block, head, batch). See FwdArgs.
 struct Tile {
   int m_block, h, b;
@@ -188,14 +191,26 @@ struct Tile {
 };
 
 // Loops over the CTA's tiles, calling fn(tile, block_info) for those with keys to visit; tiles
-// whose rows see no key are written by `empty(tile, block_info)`.
-// CTAs take one tile per round, in CTA order on even rounds and reversed on odd ones (a heavy first
-// tile is followed by a light one under the heaviest-first order of causal schedules).
+// whose rows see no key are written by `empty(tile, block_info)`. Run by the producer thread and by every
+// consumer thread.
+// Static schedule: CTAs take one tile per round, in CTA order on even rounds and reversed on odd ones (a
+// heavy first tile is followed by a light one under the heaviest-first order of causal schedules).
+// Dynamic schedule (a.tile_counter): tile indices come from schedule_tiles through shared memory.
 template <class Traits, class Fn, class Empty>
-CUTE_DEVICE void for_each_tile(const FwdArgs& a, Fn&& fn, Empty&& empty) {
-  for (int round = 0; round * int(gridDim.x) < a.num_tiles; ++round) {
-    const int t = round * gridDim.x + (round % 2 == 0 ? blockIdx.x : gridDim.x - 1 - blockIdx.x);
-    if (t >= a.num_tiles) continue;
+CUTE_DEVICE void for_each_tile(const FwdArgs& a, typename Traits::SharedStorage& ss, Fn&& fn, Empty&& empty) {
+  const bool dynamic = a.tile_counter != nullptr;
+  int t = blockIdx.x;
+  for (int i = 0;; ++i) {
+    if (dynamic) {
+      cutlass::arch::ClusterBarrier::wait(&ss.tile_full, i & 1);
+      compiler_fence();
+      t = *static_cast<volatile int*>(&ss.tile_id);
+      compiler_fence();
+      cutlass::arch::ClusterBarrier::arrive(&ss.tile_empty);
+    } else if (i > 0) {
+      t = i * gridDim.x + (i % 2 == 0 ? blockIdx.x : gridDim.x - 1 - blockIdx.x);
+    }
+    if (t >= a.num_tiles) return;
     const Tile tile = Tile::decode(a, t);
     const BlockInfo bi = BlockInfo::make<Traits::kBlockM, Traits::kBlockN>(a, tile.m_block, tile.b);
     if (tile.m_block * Traits::kBlockM >= bi.seqlen_q) continue;
@@ -204,6 +219,24 @@ CUTE_DEVICE void for_each_tile(const FwdArgs& a, Fn&& fn, Empty&& empty) {
     } else {
       fn(tile, bi);
     }
+  }
+}
+
+// Dynamic schedule (a.tile_counter; one thread of the producer warpgroup's second warp): the CTA's first
+// tile is blockIdx.x, each next one gridDim.x + the counter's next value, fetched while the CTA works on
+// the current one, so that light and heavy tiles balance; an index is published in ss.tile_id
+// (tile_full) once every reader has taken the last one (tile_empty); one past the last tile ends the loops.
+template <class Traits>
+CUTE_DEVICE void schedule_tiles(const FwdArgs& a, typename Traits::SharedStorage& ss) {
+  int t = blockIdx.x;
+  for (int i = 0;; ++i) {
+    if (i > 0) cutlass::arch::ClusterBarrier::wait(&ss.tile_empty, (i - 1) & 1);
+    compiler_fence();
+    *static_cast<volatile int*>(&ss.tile_id) = t;
+    compiler_fence();
+    cutlass::arch::ClusterBarrier::arrive(&ss.tile_full);
+    if (t >= a.num_tiles) return;
+    t = int(gridDim.x) + atomicAdd(a.tile_counter, 1);
   }
 }
 
@@ -331,7 +364,7 @@ CUTE_DEVICE void producer(typename Traits::Params const& p, typename Traits::Sha
     }
     load_v(bi.n_begin);
   };
-  for_each_tile<Traits>(p.args, load_tile, [](const Tile&, const BlockInfo&) {});
+  for_each_tile<Traits>(p.args, ss, load_tile, [](const Tile&, const BlockInfo&) {});
 }
 
 // Per-warpgroup consumer state that lives across tiles.
@@ -566,6 +599,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cutlass::arch::ClusterTransactionBarrier::init(&ss.q_full, 1);
     cutlass::arch::ClusterBarrier::init(&ss.q_empty, Traits::kConsumerThreads);
     cutlass::arch::ClusterBarrier::init(&ss.o_empty, Traits::kConsumerWGs);
+    cutlass::arch::ClusterBarrier::init(&ss.tile_full, 1);
+    cutlass::arch::ClusterBarrier::init(&ss.tile_empty, Traits::kConsumerThreads + 1);  // + the producer
   }
   Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
@@ -574,12 +609,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x == 0) producer<Traits>(p, ss, pipe_k, pipe_v);
+    if (threadIdx.x == 32 && p.args.tile_counter != nullptr) schedule_tiles<Traits>(p.args, ss);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     TurnTaking<Traits::kConsumerWGs>::start((threadIdx.x - 128) / 128);
     ConsumerState<Traits> cs;
     for_each_tile<Traits>(
-        p.args,
+        p.args, ss,
         [&](const Tile& tile, const BlockInfo& bi) { consume_tile<Traits>(p, ss, pipe_k, pipe_v, cs, tile, bi); },
         [&](const Tile& tile, const BlockInfo& bi) {
           write_empty_tile<Traits>(p.args, bi, tile.h, tile.b, tile.m_block, threadIdx.x - 128,

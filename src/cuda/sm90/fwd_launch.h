@@ -125,6 +125,18 @@ struct VSource {
   typename Traits::GmemShape shape;
 };
 
+// Tiles of unequal cost (causal / local) and more of them than CTAs: the dynamic schedule where it measured
+// faster than the static snake (H200, bf16, B * S = 16k, hidden 2048, causal, same run; benchmarks/results/
+// h200_fwd_dynamic_ab.csv): hdim 256 at 1k / 2k keys 378 -> 412 / 445 -> 487 TFLOP/s (few, 2-13-block
+// tiles per CTA balance badly in a fixed order); hdim 256 at 4k-16k -3 to +1 %, hdim 64 / 128 within
+// -2 to +3 %, so those keep the static order. kFwdDynamicAlways: every causal / local / varlen call.
+inline bool use_dynamic_tiles(const ForwardParams& p, const FwdArgs& a, int grid) {
+  const bool uneven = p.is_varlen() || p.window_left >= 0 || p.window_right >= 0;
+  if (!uneven || a.num_tiles <= grid) return false;
+  if (a.has(kFwdDynamicAlways)) return true;
+  return a.has(kFwdDynamicTiles) && !p.is_varlen() && p.head_dim > 128 && p.seqlen_k <= 2048;
+}
+
 template <class Traits>
 Status launch_kernel(const ForwardParams& p, const VSource<Traits>& v) {
   using Params = typename Traits::Params;
@@ -165,11 +177,26 @@ Status launch_kernel(const ForwardParams& p, const VSource<Traits>& v) {
                             "; the kernel was not launched");
   }
 
+  // The dynamic schedule, with its counter zeroed in a stream-ordered 4-byte workspace.
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  cudaError_t err = cudaSuccess;
+  if (use_dynamic_tiles(p, args, grid)) {
+    err = cudaMallocAsync(reinterpret_cast<void**>(&params.args.tile_counter), sizeof(int), stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(params.args.tile_counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) {
+      if (params.args.tile_counter != nullptr) cudaFreeAsync(params.args.tile_counter, stream);
+      return Status::CudaError(std::string("sm90 forward: tile counter: ") + cudaGetErrorString(err));
+    }
+  }
   auto kernel = fwd_kernel<Traits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (err == cudaSuccess) {
-    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(params);
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
     err = cudaGetLastError();
+  }
+  if (params.args.tile_counter != nullptr) {
+    const cudaError_t freed = cudaFreeAsync(params.args.tile_counter, stream);
+    if (err == cudaSuccess) err = freed;
   }
   if (err != cudaSuccess) {
     return Status::CudaError(std::string("sm90 forward launch failed: ") + cudaGetErrorString(err));

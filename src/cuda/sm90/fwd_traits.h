@@ -119,6 +119,9 @@ struct FwdTraits {
     alignas(8) uint64_t q_full;   // Q tile landed (TMA transaction barrier)
     alignas(8) uint64_t q_empty;  // consumers done reading Q (all consumer threads arrive)
     alignas(8) uint64_t o_empty;  // V buffer free of the last O tile (one thread per consumer warpgroup)
+    alignas(8) uint64_t tile_full;   // tile_id holds the CTA's next tile (schedule_tiles)
+    alignas(8) uint64_t tile_empty;  // every consumer thread and the producer have read it
+    int tile_id;
 
     // The O staging tile of consumer warpgroup wg: (64, D).
     CUTE_DEVICE ElementOut* o_tile(int wg) {

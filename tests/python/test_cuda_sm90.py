@@ -76,6 +76,17 @@ CASES = [
     (1, 300, 300, 2, 2, 96, dict(causal=True)),
     (1, 300, 300, 2, 2, 192, dict()),
     (1, 300, 300, 2, 2, 256, dict(causal=True)),
+    # head dim 64 (with a 192-row tile the last query block of 1000 rows has 40, of 1037 / 257 / 300 rows
+    # 77 / 65 / 108: one or two consumer warpgroups without rows)
+    (2, 1000, 1000, 4, 4, 64, dict()),
+    (2, 1000, 1000, 4, 2, 64, dict(causal=True)),
+    (2, 513, 1037, 8, 2, 64, dict(causal=True)),
+    (2, 2048, 2048, 16, 4, 64, dict(causal=True)),                    # many tiles per CTA
+    (2, 2048, 2048, 16, 16, 64, dict()),
+    (2, 200, 300, 4, 4, 48, dict()),                                   # head dim padded to 64
+    (1, 333, 333, 4, 4, 56, dict(causal=True)),
+    (2, 500, 700, 4, 4, 64, dict(window=(200, 0))),
+    (3, 1, 333, 8, 1, 64, dict(causal=True)),                          # decode-like
 ]
 
 
@@ -117,6 +128,14 @@ def test_sm90_varlen_matches_reference(causal):
     check(q, k, v, config, *varlen, causal=causal)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_varlen_hdim64_every_tile(causal):
+    q, k, v, *varlen = varlen_qkv([100, 0, 37, 256, 300, 1000], [80, 12, 0, 300, 129, 1000], 8, 2, 64,
+                                  dtype=torch.bfloat16, device="cuda")
+    for config in SM90_TILES[kernel_head_dim(64)]:
+        check(q, k, v, config, *varlen, causal=causal)
+
+
 def test_sm90_strided_inputs():
     config = SM90_TILES[kernel_head_dim(128)][0]
     qkv_packed = torch.randn(2, 333, 3, 4, 128, dtype=torch.float16, device="cuda")
@@ -125,9 +144,10 @@ def test_sm90_strided_inputs():
 
 
 def test_sm90_auto_matches_explicit():
+    config = SM90_TILES[kernel_head_dim(128)][-1]                     # skips when no kernel serves 128
     q, k, v = qkv(2, 512, 512, 4, 4, 128, dtype=torch.bfloat16, device="cuda")
     auto, _ = run(q, k, v, "", causal=True)
-    explicit, _ = run(q, k, v, SM90_TILES[kernel_head_dim(128)][-1], causal=True)
+    explicit, _ = run(q, k, v, config, causal=True)
     assert torch.equal(auto, explicit)
 
 

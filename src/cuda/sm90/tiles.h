@@ -28,6 +28,8 @@ struct FwdTilePair {
 };
 
 constexpr FwdTilePair kFwdTiles[] = {
+    // 192 x 128 (3 consumer warpgroups, FA3's hdim-64 tile; the kernel supports it) measured slower on the
+    // H200 in every case: dense 0.89-1.00x, causal 0.81-0.97x this tile (NOTES.md, "Head dim 64: 192-row tile").
     {{64, 128, 128, 2}, {64, 128, 128, 2}},
     {{96, 128, 128, 2}, {96, 128, 128, 2}},
     // N = 128 up to 2k keys (H200, bf16, B * S = 16k: 452 -> 505 TFLOP/s at S = 512, +8 % at 1k, +2 % at

@@ -181,10 +181,14 @@ Status launch_kernel(const ForwardParams& p, const VSource<Traits>& v) {
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t err = cudaSuccess;
   if (use_dynamic_tiles(p, args, grid)) {
-    err = cudaMallocAsync(reinterpret_cast<void**>(&params.args.tile_counter), sizeof(int), stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(params.args.tile_counter, 0, sizeof(int), stream);
+    void* counter = nullptr;
+    err = cudaMallocAsync(&counter, sizeof(int), stream);
+    if (err == cudaSuccess) {
+      params.args.tile_counter = static_cast<int*>(counter);
+      err = cudaMemsetAsync(counter, 0, sizeof(int), stream);
+      if (err != cudaSuccess) cudaFreeAsync(counter, stream);
+    }
     if (err != cudaSuccess) {
-      if (params.args.tile_counter != nullptr) cudaFreeAsync(params.args.tile_counter, stream);
       return Status::CudaError(std::string("sm90 forward: tile counter: ") + cudaGetErrorString(err));
     }
   }

@@ -106,10 +106,10 @@ def test_sm90_matches_reference(case, dtype, tile):
     check(q, k, v, tiles[tile], **options)
 
 
-# FLASH_ATTENTION_SM90_FWD=15: every causal / local / varlen call takes its tiles from the counter.
+# FLASH_ATTENTION_SM90_FWD=31: every causal / local / varlen call takes its tiles from the counter.
 @pytest.mark.parametrize("case", [c for c in CASES if c[6].get("causal") or "window" in c[6]], ids=case_id)
 def test_sm90_dynamic_schedule_matches_reference(case, monkeypatch):
-    monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "15")
+    monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "31")
     b, sq, sk, h, hk, d, options = case
     q, k, v = qkv(b, sq, sk, h, hk, d, dtype=torch.bfloat16, device="cuda")
     check(q, k, v, SM90_TILES[kernel_head_dim(d)][-1], **options)
@@ -117,7 +117,7 @@ def test_sm90_dynamic_schedule_matches_reference(case, monkeypatch):
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_sm90_dynamic_schedule_many_tiles_and_varlen(d, monkeypatch):
-    monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "15")
+    monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "31")
     tiles = SM90_TILES[kernel_head_dim(d)]
     q, k, v = qkv(2, 2048, 2048, 16, 4, d, dtype=torch.bfloat16, device="cuda")  # many tiles per CTA
     check(q, k, v, tiles[-1], causal=True)
@@ -159,26 +159,28 @@ def test_sm90_auto_matches_explicit():
 
 @pytest.mark.parametrize("d", [64, 128, 256])  # O staged in its own buffer (N = 128 tiles) or in V (N = 176, 80)
 def test_sm90_register_epilogue_matches_tma_store(d, monkeypatch):
-    """FLASH_ATTENTION_SM90_FWD=2 (kFwdLazyRescale alone) stores O from registers instead of through TMA:
-    the same bytes as the default."""
+    """FLASH_ATTENTION_SM90_FWD=22 (the default without kFwdTmaStoreO) stores O from registers instead of
+    through TMA: the same bytes as the default."""
     if kernel_head_dim(d) != d:
         pytest.skip(f"no sm90 kernel built for head dim {d}")
     q, k, v = qkv(2, 300, 300, 4, 4, d, dtype=torch.bfloat16, device="cuda")
     for config in SM90_TILES[d]:
         monkeypatch.delenv("FLASH_ATTENTION_SM90_FWD", raising=False)
         tma, tma_lse = run(q, k, v, config)
-        monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "2")
+        monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", "22")
         registers, registers_lse = run(q, k, v, config)
         assert torch.equal(tma, registers) and torch.equal(tma_lse, registers_lse), config
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("features", ["3", "1"])  # lazy rescale (the default) / the max moves at every growth
+# lazy rescale + skipped O rescales (the default) / skips alone / lazy alone / the max moves at every growth
+@pytest.mark.parametrize("features", ["19", "17", "3", "1"])
 def test_sm90_lazy_rescale_with_growing_scores(d, dtype, features, monkeypatch):
     """Key norms that grow along the sequence (and a few large keys) move the row maxima by a few units at
-    a time, in both walk directions: under kFwdLazyRescale P reaches up to 2^8 between moves. Both settings
-    keep FlashAttention's rule, causal and not."""
+    a time, in both walk directions: under kFwdLazyRescale P reaches up to 2^8 between moves; under
+    kFwdSkipRescale (hdim 256 kernels) warps whose rows did not move skip the O rescale. Every setting keeps
+    FlashAttention's rule, causal and not."""
     d_kernel = kernel_head_dim(d)
     monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", features)
     q, k, v = qkv(2, 777, 777, 4, 2, d, dtype=dtype, device="cuda")

@@ -19,7 +19,9 @@ enum FwdFeature : unsigned {
   kFwdDynamicTiles = 4u,  // causal / local: CTAs take tiles from a counter (FwdArgs::tile_counter) where that
                           // measured faster (fwd_launch.h, use_dynamic_tiles)
   kFwdDynamicAlways = 8u,  // ... for every causal / local / varlen call with more tiles than CTAs (A/B, tests)
-  kFwdDefault = kFwdTmaStoreO | kFwdLazyRescale | kFwdDynamicTiles,
+  kFwdSkipRescale = 16u,  // a warp skips the O rescale when none of its rows' max moved (FwdTraits::
+                          // kExpsBeforePVWait kernels; the others always rescale, hidden under the exponentials)
+  kFwdDefault = kFwdTmaStoreO | kFwdLazyRescale | kFwdDynamicTiles | kFwdSkipRescale,
 };
 
 // With kFwdLazyRescale (log2 units): P = exp2(score - row max) may reach 2^8 until the max moves; fp32 sums

@@ -470,6 +470,7 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   float factor[kRows];
   bool moved = false;  // some row of this thread got a new max in the last scores()
   const float slack = !Traits::kFp8 && a.has(kFwdLazyRescale) ? kLazyRescaleSlack : 0.f;
+  const bool skip_rescale = a.has(kFwdSkipRescale);
   const int row0 = m_block * Traits::kBlockM;
 
   // Turns the finished S = Q K^T of key block n into probabilities: softcap, mask, online softmax.
@@ -523,11 +524,16 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
     ++cs.read_k;
     release_q_if_last(n);
     scores(tSrS_n, n);
+    if constexpr (Traits::kExpsBeforePVWait) {  // the row sums, hence every exponential, before the wait
+      *static_cast<volatile float*>(&ss.row_sum_sink[tidx]) = softmax.row_sum[0] + softmax.row_sum[kRows - 1];
+    }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrP);
     pipe_v.consumer_release(cs.read_v);
     ++cs.read_v;
-    if (__any_sync(0xffffffffu, moved)) scale_rows(tOrO_rc, factor);
+    if (!Traits::kExpsBeforePVWait || !skip_rescale || __any_sync(0xffffffffu, moved)) {
+      scale_rows(tOrO_rc, factor);
+    }
     convert_p<Traits>(tSrS_n, tOrP);
   }
 

@@ -17,7 +17,9 @@ import torch
 
 import bench_decode as bd
 
-VARIANTS = {"cpasync": ("flash_attention", "0"), "tma": ("flash_attention", "1"), "cudnn": ("sdpa-cudnn", None)}
+VARIANTS = {"cpasync": ("flash_attention", "0", None), "tma": ("flash_attention", "1", None),
+            "cudnn": ("sdpa-cudnn", None, None)}
+EXTRA = {"tma-l2-256": ("flash_attention", "1", "256"), "tma-l2-none": ("flash_attention", "1", "0")}
 
 
 def main():
@@ -25,8 +27,11 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--seqlen", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRA),
+                        help="also time TMA with this L2 promotion (FLASH_ATTENTION_DECODE_TMA_L2)")
     parser.add_argument("--out", type=pathlib.Path, default=bd.ROOT / "benchmarks" / "results" / "h200_decode_tma_ab.csv")
     args = parser.parse_args()
+    variants = dict(VARIANTS, **{name: EXTRA[name] for name in args.extra})
     gpu = bd.gpu_key()
     bandwidth = bd.copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
@@ -38,9 +43,12 @@ def main():
         for run in range(1, args.rounds + 1):
             for batch in args.batch:
                 for seqlen in args.seqlen:
-                    for variant, (impl, tma) in VARIANTS.items():
+                    for variant, (impl, tma, l2) in variants.items():
                         if tma is not None:
                             os.environ["FLASH_ATTENTION_DECODE_TMA"] = tma
+                        os.environ.pop("FLASH_ATTENTION_DECODE_TMA_L2", None)
+                        if l2 is not None:
+                            os.environ["FLASH_ATTENTION_DECODE_TMA_L2"] = l2
                         ms = bd.time_impl(impl, batch, seqlen, None)
                         if ms is None:
                             continue
@@ -55,13 +63,14 @@ def main():
           f"{'cpa÷cuDNN':>9} {'TMA÷cuDNN':>9} {'TMA %copy':>9}")
     for batch in args.batch:
         for seqlen in args.seqlen:
-            med = {v: statistics.median(times[(batch, seqlen, v)]) for v in VARIANTS if (batch, seqlen, v) in times}
+            med = {v: statistics.median(times[(batch, seqlen, v)]) for v in variants if (batch, seqlen, v) in times}
             if len(med) < 3:
                 continue
             c, t, d = med["cpasync"], med["tma"], med["cudnn"]
             share = bd.kv_bytes(batch, seqlen) / (t * 1e-3) / bandwidth * 100
             print(f"{batch:>3} {seqlen:>7} {c * 1e3:11.2f} {t * 1e3:9.2f} {d * 1e3:9.2f} {t / c:8.3f} {d / c:9.3f} "
-                  f"{d / t:9.3f} {share:8.1f}%")
+                  f"{d / t:9.3f} {share:8.1f}%" +
+                  "".join(f" {name} {med[name] * 1e3:.2f}" for name in args.extra if name in med))
 
 
 if __name__ == "__main__":

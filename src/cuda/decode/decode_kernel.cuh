@@ -49,6 +49,7 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -1252,8 +1253,17 @@ bool encode_cache_map(CUtensorMap* map, const void* base, int64_t head, int64_t 
   const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
   const CUtensorMapDataType type =
       std::is_same_v<Element, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  // L2 promotion of the tiles' reads: 128 bytes unless FLASH_ATTENTION_DECODE_TMA_L2 says "0" / "64" / "256"
+  // (read per call, for A/B runs).
+  CUtensorMapL2promotion l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
+  if (const char* env = std::getenv("FLASH_ATTENTION_DECODE_TMA_L2")) {
+    const std::string v(env);
+    if (v == "0") l2 = CU_TENSOR_MAP_L2_PROMOTION_NONE;
+    if (v == "64") l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_64B;
+    if (v == "256") l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
+  }
   return encode(map, type, 5, const_cast<void*>(base), dims, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, l2,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 

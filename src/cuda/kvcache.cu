@@ -415,21 +415,29 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
 
 // K / V blocks by 2-D TMA (sm90; decode_kernel.cuh, "TMA tiles") instead of 16-byte cp.async rows. The
 // kernel falls back to cp.async where the tiles do not hold (a padded head dim, a paged cache with left
-// padding, strides the driver refuses). FLASH_ATTENTION_DECODE_TMA (read per call, for A/B runs): unset =
-// kDecodeTmaDefault, "1" = TMA tiles wherever they hold, "0" = never.
-constexpr bool kDecodeTmaDefault = true;
-bool choose_tma(const DeviceShape& dev) {
-  if (dev.major < 9) return false;
+// padding, strides the driver refuses). H200, H 32 / Hk 8, D 128, same runs (benchmarks/NOTES.md, session 7):
+// 3-6 % faster from 4 key blocks per warp on (B = 1 128k 131.5 -> 125.1 us, B = 8 32k 251.2 -> 239.5, B = 64
+// 32k 1992 -> 1878), 1.4 % slower with 2 (B = 1, 1k: 7.91 -> 8.02 us; the mbarrier set-up and the first
+// descriptor fetch are not paid back), so by default only from kTmaMinBlocks blocks per warp.
+// FLASH_ATTENTION_DECODE_TMA (read per call, for A/B runs): unset = that rule, "1" = TMA tiles wherever they
+// hold, "0" = never.
+void choose_tma(const KVCacheParams& p, const DeviceShape& dev, Plan& plan) {
+  constexpr int64_t kTmaMinBlocks = 4;
+  plan.tma = false;
+  if (dev.major < 9) return;
   const char* env = std::getenv("FLASH_ATTENTION_DECODE_TMA");
-  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  return kDecodeTmaDefault;
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) {
+    plan.tma = env[0] == '1';
+    return;
+  }
+  plan.tma = split_blocks(key_blocks(p), plan.splits, plan.warps) / plan.warps >= kTmaMinBlocks;
 }
 
 Plan make_plan(const KVCacheParams& p) {
   const DeviceShape dev = device_shape();
   Plan plan = split_plan(p, dev);
   choose_merge(p, dev, plan);
-  plan.tma = choose_tma(dev);
+  choose_tma(p, dev, plan);
   return plan;
 }
 

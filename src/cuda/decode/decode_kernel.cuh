@@ -40,6 +40,11 @@
 // while Q held in registers and two accumulator chains for S made B = 64 2-8 % faster (two runs). A CTA over one
 // block of 16 keys takes 4.4 us (launch, sequence lengths, Q / K / V loads, merge, store).
 //
+// Session 7 (sm90, DecodeArgs::tma): K / V blocks by 2-D TMA instead of 16-byte cp.async rows ("TMA tiles"
+// below; the host picks it from 4 key blocks per warp, kvcache.cu choose_tma): one tensor copy per K / V block
+// from lane 0, 128-byte swizzled stages. H200: 3-6 % faster wherever a warp has 4+ blocks (B = 64 128k at
+// 110 % of copy bandwidth, as cuDNN), 1.4 % slower with 2 (benchmarks/NOTES.md, session 7).
+//
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4): A (16x16) rows g / g+8, columns
 // 2t, 2t+1 (+8); B (16x8) rows 2t, 2t+1 (+8), column g; C (16x8) rows g / g+8, columns 2t, 2t+1.
 #pragma once

@@ -275,6 +275,7 @@ struct Plan {
   int ctas_per_split = 1;
   int warps = decode::kDecodeWarps;  // per CTA (DecodeArgs::warps)
   bool cluster = false;  // splits merged through distributed shared memory (DecodeArgs::cluster)
+  bool tma = false;      // K / V by TMA tiles where the kernel can (DecodeArgs::tma)
   // Splits merged through fp32 partials and arrival counters in the workspace.
   bool partials() const { return splits > 1 && !cluster; }
 };
@@ -412,10 +413,31 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
   return plan;
 }
 
+// K / V blocks by 2-D TMA (sm90; decode_kernel.cuh, "TMA tiles") instead of 16-byte cp.async rows. The
+// kernel falls back to cp.async where the tiles do not hold (a padded head dim, a paged cache with left
+// padding, strides the driver refuses). H200, H 32 / Hk 8, D 128, same runs (benchmarks/NOTES.md, session 7):
+// 3-6 % faster from 4 key blocks per warp on (B = 1 128k 131.5 -> 125.1 us, B = 8 32k 251.2 -> 239.5, B = 64
+// 32k 1992 -> 1878), 1.4 % slower with 2 (B = 1, 1k: 7.91 -> 8.02 us; the mbarrier set-up and the first
+// descriptor fetch are not paid back), so by default only from kTmaMinBlocks blocks per warp.
+// FLASH_ATTENTION_DECODE_TMA (read per call, for A/B runs): unset = that rule, "1" = TMA tiles wherever they
+// hold, "0" = never.
+void choose_tma(const KVCacheParams& p, const DeviceShape& dev, Plan& plan) {
+  constexpr int64_t kTmaMinBlocks = 4;
+  plan.tma = false;
+  if (dev.major < 9) return;
+  const char* env = std::getenv("FLASH_ATTENTION_DECODE_TMA");
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) {
+    plan.tma = env[0] == '1';
+    return;
+  }
+  plan.tma = split_blocks(key_blocks(p), plan.splits, plan.warps) / plan.warps >= kTmaMinBlocks;
+}
+
 Plan make_plan(const KVCacheParams& p) {
   const DeviceShape dev = device_shape();
   Plan plan = split_plan(p, dev);
   choose_merge(p, dev, plan);
+  choose_tma(p, dev, plan);
   return plan;
 }
 
@@ -482,6 +504,7 @@ DecodeArgs decode_args(const KVCacheParams& p, const Plan& plan) {
   a.window_left = p.window_left, a.window_right = p.window_right;
   a.num_splits = plan.splits;
   a.cluster = plan.cluster;
+  a.tma = plan.tma;
   a.warps = plan.warps;
   a.out = p.out;
   a.out_batch = p.out_strides.batch, a.out_row = p.out_strides.row, a.out_head = p.out_strides.head;

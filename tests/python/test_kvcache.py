@@ -394,6 +394,64 @@ def test_cuda_cluster_merge_choice(monkeypatch, cluster):
             assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), f"num_splits={splits}"
 
 
+def poison_tail(pr, new=0):
+    """+inf in every cache row past each sequence's end (rows a kernel may read but must not use: a V row
+    left in the sum gives 0 * inf = NaN)."""
+    seqlens = pr["cache_seqlens"].long().cpu()
+    for key in ("k_cache", "v_cache"):
+        cache = pr[key]
+        for b in range(seqlens.numel()):
+            end = int(seqlens[b]) + new
+            if "block_table" in pr:
+                table, page = pr["block_table"], cache.shape[1]
+                pos = torch.arange(end, table.shape[1] * page, device=cache.device)
+                pages = table[b, pos // page].long()
+                ok = pages >= 0
+                cache[pages[ok], (pos % page)[ok]] = float("inf")
+            else:
+                row = int(pr["cache_batch_idx"][b]) if "cache_batch_idx" in pr else b
+                cache[row, end:] = float("inf")
+
+
+# (B, Sq, H, Hk, D, Sk, page, leftpad, batch_idx, dtype)
+TMA_CASES = [(3, 1, 32, 8, 128, 5000, None, False, False, torch.bfloat16),
+             (3, 1, 32, 8, 128, 700, 16, False, False, torch.bfloat16),
+             (4, 1, 32, 8, 128, 9000, 256, False, False, torch.bfloat16),
+             (3, 4, 16, 4, 128, 333, 48, False, False, torch.float16),
+             (3, 1, 8, 2, 128, 17, None, True, True, torch.bfloat16),
+             (2, 1, 32, 8, 128, 3000, 16, True, False, torch.bfloat16),
+             (3, 1, 8, 2, 64, 1000, 16, False, False, torch.bfloat16),
+             (2, 1, 8, 2, 256, 1000, None, False, False, torch.float16)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", TMA_CASES, ids=[f"B{c[0]}-Sq{c[1]}-D{c[4]}-Sk{c[5]}-page{c[6]}-lp{int(c[7])}"
+                                                 for c in TMA_CASES])
+def test_cuda_decode_tma(monkeypatch, case):
+    """FLASH_ATTENTION_DECODE_TMA (sm90: K / V blocks by 2-D TMA tiles; elsewhere, and for paged caches with
+    left padding, cp.async rows): with +inf in every cache row past the sequence ends, both paths match the
+    reference and each other bit for bit, for the default split count, one split, partials and clusters,
+    an empty sequence and a sequence end inside a block."""
+    B, Sq, H, Hk, D, Sk, page, leftpad, batch_idx, dtype = case
+    if D not in _ops.build_info().get("head_dims", []):
+        pytest.skip(f"head dim {D} not built")
+    pr = make_problem("cuda", dtype=dtype, B=B, Sq=Sq, H=H, Hk=Hk, D=D, Sk=Sk, page=page, new=1,
+                      leftpad=leftpad, batch_idx=batch_idx, seed=Sk + D)
+    pr["cache_seqlens"][0] = 0
+    if B > 2:  # a short sequence (no longer than make_problem's: its table marks the pages past the end -1)
+        pr["cache_seqlens"][1] = pr["cache_seqlens"][1].clamp(max=29)
+    if leftpad:
+        pr["cache_leftpad"] = torch.minimum(pr["cache_leftpad"], pr["cache_seqlens"])
+    poison_tail(pr, new=1)
+    for splits in (0, 1, 3, 12):
+        outs = []
+        for tma in ("0", "1"):
+            monkeypatch.setenv("FLASH_ATTENTION_DECODE_TMA", tma)
+            run_and_check(pr, causal=Sq > 1, num_splits=splits)
+            outs.append(flash_attn_with_kvcache(**pr, causal=Sq > 1, num_splits=splits, return_softmax_lse=True))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), f"num_splits={splits}"
+
+
 @needs_cuda
 def test_cuda_unaligned_q():
     """q whose rows are not 16-byte aligned (odd strides, an odd base offset): the decode kernel reads q in

@@ -73,6 +73,10 @@ struct DecodeArgs {
   // merge through distributed shared memory (no partials, no counters).
   bool cluster = false;
   int warps = kDecodeWarps;  // warps per CTA: kDecodeWarps, or kDecodeWarpsWide (sm90 only, DecodeKernel::kHasWide)
+  // sm90: load K / V blocks by 2-D TMA (one tensor copy per K / V block, decode_kernel.cuh "TMA tiles") where
+  // the kernel can (DecodeKernel::run: head_dim == the kernel's, a multiple of 64; paged caches without left
+  // padding; the driver encodes the tensor maps); elsewhere the cp.async path.
+  bool tma = false;
 };
 
 inline int row_tiles(const DecodeArgs& a) {

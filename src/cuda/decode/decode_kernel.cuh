@@ -40,15 +40,23 @@
 // while Q held in registers and two accumulator chains for S made B = 64 2-8 % faster (two runs). A CTA over one
 // block of 16 keys takes 4.4 us (launch, sequence lengths, Q / K / V loads, merge, store).
 //
+// Session 7 (sm90, DecodeArgs::tma): K / V blocks by 2-D TMA instead of 16-byte cp.async rows ("TMA tiles"
+// below; the host picks it from 4 key blocks per warp, kvcache.cu choose_tma): one tensor copy per K / V block
+// from lane 0, 128-byte swizzled stages. H200: 3-6 % faster wherever a warp has 4+ blocks (B = 64 128k at
+// 110 % of copy bandwidth, as cuDNN), 1.4 % slower with 2 (benchmarks/NOTES.md, session 7).
+//
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4): A (16x16) rows g / g+8, columns
 // 2t, 2t+1 (+8); B (16x8) rows 2t, 2t+1 (+8), column g; C (16x8) rows g / g+8, columns 2t, 2t+1.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap and the encoder's types (the encoder itself comes from the runtime's entry point)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include <cooperative_groups.h>
 #include <cute/arch/copy_sm75.hpp>
@@ -212,6 +220,121 @@ __device__ __forceinline__ void cp_async_16(unsigned dst, const void* gmem, bool
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+
+// ----------------------------------------------------------------------------------------------------
+// TMA tiles (sm90; DecodeArgs::tma). A K or V block (16 rows x kHeadDim) is one tensor copy issued by lane 0
+// of the warp, completing on the stage's mbarrier. The tensor maps see a cache as 5-D: (64 elements = one
+// 128-byte line, kHeadDim / 64 lines, KV head, row, batch or page), box (64, kHeadDim / 64, 1, 16, 1), so
+// that a box lands as 16 dense rows of kHeadDim elements in 128-byte swizzled lines: the 16-byte chunk c of
+// line L (line L = row * kHeadDim / 64 + c / 8) sits at chunk c % 8 ^ L % 8 (the box base is 1024-byte
+// aligned). Rows outside the tensor (a bad page or cache row: a coordinate out of range) arrive as zeros;
+// rows past the sequence end inside the cache do not, so V's are zeroed after the wait (their P is 0, but
+// the memory may hold NaN); K's scores are masked.
+// ----------------------------------------------------------------------------------------------------
+
+struct TmaMaps {  // CUtensorMap carries its own (128-byte) alignment
+  CUtensorMap k, v;
+};
+
+// Where the TMA kernel's shared memory goes: the K / V stages (then the warps' O) first, 1024-byte aligned.
+template <int kHeadDim, int kWarps_>
+struct TmaTraits {
+  using T = Traits<kHeadDim, kWarps_>;
+  static constexpr int kLines = kHeadDim / 64;          // 128-byte lines per row
+  static constexpr int kRowBytes = kHeadDim * 2;
+  static constexpr int kBoxBytes = kDecodeBlock * kRowBytes;  // one K or V block
+  static constexpr int kStageBytes = 2 * kBoxBytes;
+  static constexpr int kKVBytes = T::kWarps * T::kStages * kStageBytes;
+  static constexpr int kScratchBytes = cmax(kKVBytes, T::kMergeBytes);
+  static constexpr int kBarBytes = 8 * T::kWarps * T::kStages;
+  static constexpr int kAlign = 1024;                   // the 128-byte swizzle repeats every 8 lines
+  static constexpr int kSmemBytes = kAlign + kScratchBytes + T::kStatFloats * 4 + T::kQBytes + kBarBytes;
+  static_assert(kHeadDim % 64 == 0, "TMA tiles need whole 128-byte lines");
+  static_assert(kBoxBytes % kAlign == 0 && kScratchBytes % 16 == 0, "aligned boxes");
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm90 SM has");
+};
+
+__device__ __forceinline__ void ldsm_x4_at(unsigned addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans_at(unsigned addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_init(unsigned bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+// Box at (0, 0, c2, c3, c4) of the map into dst (shared), completing on bar.
+__device__ __forceinline__ void tma_load_5d(unsigned dst, const CUtensorMap* map, unsigned bar, int c2, int c3, int c4) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %3, %4, %5, %6}], "
+      "[%2];\n" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(0), "r"(c2), "r"(c3), "r"(c4)
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
+
+// The (row, batch or page) coordinates of a warp's blocks: contiguous caches advance the row by a constant;
+// paged ones walk the page table as RowCursor<true> does (host: no left padding, so that a block never
+// spans two pages). -1: a bad cache row or page (out of the tensor: zeros).
+template <bool kPaged, int kStride>
+struct TmaCursor;
+
+template <int kStride>
+struct TmaCursor<false, kStride> {
+  int row = 0, batch = 0;
+  __device__ __forceinline__ void init(const DecodeArgs& a, const CtaWork& w, int j0) {
+    batch = w.s.cache_row >= 0 && w.s.cache_row < a.cache_batch ? w.s.cache_row : -1;
+    row = w.s.leftpad + j0;
+  }
+  __device__ __forceinline__ void advance() { row += kStride; }
+};
+
+template <int kStride>
+struct TmaCursor<true, kStride> {
+  const int32_t* entry = nullptr;  // block_table[b][col]
+  int page_size = 0, max_blocks = 0, pages = 0;
+  int j = 0, sk = 0, col = 0, row = 0, batch = -1;  // row: in the page; batch: the page
+  __device__ __forceinline__ void init(const DecodeArgs& a, const CtaWork& w, int j0) {
+    page_size = a.page_size, max_blocks = a.max_blocks, pages = a.cache_batch;
+    j = j0;
+    sk = w.s.sk;
+    const int pos = w.s.leftpad + j0;
+    col = pos / page_size;
+    row = pos - col * page_size;
+    entry = a.block_table + w.b * a.block_table_stride + col;
+    lookup();
+  }
+  __device__ __forceinline__ void lookup() {
+    int p = -1;
+    if (j < sk && col < max_blocks) p = __ldg(entry);
+    batch = p >= 0 && p < pages ? p : -1;
+  }
+  __device__ __forceinline__ void advance() {
+    j += kStride;
+    row += kStride;
+    while (row >= page_size) row -= page_size, ++col, ++entry;
+    lookup();
+  }
+};
 
 // ----------------------------------------------------------------------------------------------------
 // Stages of the kernel
@@ -546,11 +669,141 @@ struct QFragments<kHeadDim, false> {
   }
 };
 
-// The warp's key blocks: K / V through a private cp.async pipeline, online softmax, O += P V. q: the Q tile
-// in flight (QTile::load), stored into q_s here.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// attend() with TMA tiles (TmaTraits): per warp kStages stages of (K box, V box), one mbarrier each; lane 0
+// issues a block's two tensor copies, every lane waits on the stage's phase. The ldmatrix addresses follow
+// the 128-byte swizzle: a lane's row R and its chunk bit b (c = 2 kk + b) give a base address whose bits 4-6
+// hold b ^ (R * kLines) % 8, and k-slice kk adds (2 (kk % 4) ^ kk / 4) to those bits (an XOR) and line
+// kk / 4 (an offset), so one LOP3 per ldmatrix.
 template <int kHeadDim, int kWarps, typename Element, bool kPaged>
+__device__ __forceinline__ void attend_tma(const DecodeArgs& a, const CtaWork& w, const QTile<kHeadDim, kWarps, Element>& q,
+                                           Element* q_s, Element* kv_s, WarpState<kHeadDim>& st, const TmaMaps* maps,
+                                           uint64_t* bars) {
+  using T = Traits<kHeadDim, kWarps>;
+  using TT = TmaTraits<kHeadDim, kWarps>;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
+  const int span = w.k_end - w.k_begin;
+  const int my_blocks = span > warp ? (span - warp + T::kWarps - 1) / T::kWarps : 0;
+  const int first_key = (w.k_begin + warp) * T::kBlock;
+
+  const bool general = a.softcap > 0.f || a.alibi != nullptr || a.window_left >= 0 || a.window_right >= 0;
+  const float scale_log2 = a.scale * kLog2e;
+  int diag[2];
+  float slope[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = g + 8 * hr;
+    const RowRef ref = row_ref(a, w, r);
+    diag[hr] = ref.i + w.offset;
+    slope[hr] = (a.alibi && r < w.rows) ? a.alibi[w.b * a.alibi_batch_stride + ref.h] * kLog2e : 0.f;
+  }
+
+  const unsigned warp_kv_s = smem_addr(kv_s) + warp * T::kStages * TT::kStageBytes;
+  const unsigned warp_bar = smem_addr(bars + warp * T::kStages);
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < T::kStages; ++s) mbar_init(warp_bar + 8 * s, 1);
+    mbar_init_fence();
+  }
+  __syncwarp();
+  TmaCursor<kPaged, T::kWarpStride> cur;
+  cur.init(a, w, first_key);
+  const int hk = w.hk;
+  auto issue = [&](int stage) {
+    if (lane == 0) {
+      const unsigned dst = warp_kv_s + stage * TT::kStageBytes, bar = warp_bar + 8 * stage;
+      mbar_expect_tx(bar, TT::kStageBytes);
+      tma_load_5d(dst, &maps->k, bar, hk, cur.row, cur.batch);
+      tma_load_5d(dst + TT::kBoxBytes, &maps->v, bar, hk, cur.row, cur.batch);
+    }
+    cur.advance();
+  };
+
+#pragma unroll
+  for (int s = 0; s < T::kStages - 1; ++s) {
+    if (s < my_blocks) issue(s);
+  }
+  q.store(q_s);
+  __syncthreads();  // q_s
+
+#pragma unroll
+  for (int nt = 0; nt < kHeadDim / 8; ++nt) st.acc[nt][0] = st.acc[nt][1] = st.acc[nt][2] = st.acc[nt][3] = 0.f;
+  st.m_run[0] = st.m_run[1] = -INFINITY;
+  st.l_run[0] = st.l_run[1] = 0.f;
+  const int lm = lane / 8, lr = lane % 8;
+  const Element* q_frag = q_s + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
+  const int rk = lr + 8 * (lm / 2), rv = lr + 8 * (lm % 2);  // the lane's K / V row for ldmatrix
+  const unsigned k_lane = rk * TT::kRowBytes + 16 * ((lm % 2) ^ ((rk * TT::kLines) % 8));
+  const unsigned v_lane = TT::kBoxBytes + rv * TT::kRowBytes + 16 * ((lm / 2) ^ ((rv * TT::kLines) % 8));
+  QFragments<kHeadDim> q_regs;
+  q_regs.load(q_frag);
+
+  for (int n = 0; n < my_blocks; ++n) {
+    __syncwarp();  // every lane is done with the stage refilled below
+    const int fill = n + T::kStages - 1;
+    if (fill < my_blocks) issue(fill % T::kStages);
+    const int sidx = n % T::kStages;
+    mbar_wait(warp_bar + 8 * sidx, (n / T::kStages) & 1);
+    const unsigned stage = warp_kv_s + sidx * TT::kStageBytes;
+    const int key0 = first_key + n * T::kWarpStride;
+    if (key0 + T::kBlock > w.s.sk) {  // the sequence's last block: V rows past the end -> 0
+      const int keep = max(w.s.sk - key0, 0);
+      constexpr int kRowChunks = TT::kRowBytes / 16;
+      uint4* v_box = reinterpret_cast<uint4*>(reinterpret_cast<char*>(kv_s) +
+                                              (warp * T::kStages + sidx) * TT::kStageBytes + TT::kBoxBytes);
+      for (int c = keep * kRowChunks + lane; c < T::kBlock * kRowChunks; c += 32) v_box[c] = make_uint4(0, 0, 0, 0);
+      fence_proxy_async_smem();
+      __syncwarp();
+    }
+
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float sc_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const unsigned k_addr = stage + k_lane, v_addr = stage + v_lane;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t kb[4];
+      ldsm_x4_at((k_addr ^ (16 * ((2 * (kk % 4)) ^ (kk / 4)))) + 128 * (kk / 4), kb);
+      const uint32_t(&qa)[4] = q_regs.frag(q_frag, kk);
+      float(&acc)[2][4] = kk % 2 ? sc_odd : sc;
+      mma<Element>(acc[0], qa, kb[0], kb[1]);
+      mma<Element>(acc[1], qa, kb[2], kb[3]);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] += sc_odd[i / 4][i % 4];
+
+    if (general || key0 + T::kBlock > w.s.sk) {
+      mask_scores(a, sc, key0 + 2 * t4, diag, slope, w.s.sk);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] *= scale_log2;
+    }
+    online_softmax<kHeadDim>(sc, st);
+
+    const uint32_t pa[4] = {pack2(sc[0][0], sc[0][1], Element()), pack2(sc[0][2], sc[0][3], Element()),
+                            pack2(sc[1][0], sc[1][1], Element()), pack2(sc[1][2], sc[1][3], Element())};
+#pragma unroll
+    for (int np = 0; np < kHeadDim / 16; ++np) {
+      uint32_t vb[4];
+      ldsm_x4_trans_at((v_addr ^ (16 * ((2 * (np % 4)) ^ (np / 4)))) + 128 * (np / 4), vb);
+      mma<Element>(st.acc[2 * np], pa, vb[0], vb[1]);
+      mma<Element>(st.acc[2 * np + 1], pa, vb[2], vb[3]);
+    }
+  }
+}
+#endif
+
+// The warp's key blocks: K / V through a private cp.async pipeline (kTma: TMA tiles on the stage's mbarrier,
+// maps / bars), online softmax, O += P V. q: the Q tile in flight (QTile::load), stored into q_s here.
+template <int kHeadDim, int kWarps, typename Element, bool kPaged, bool kTma = false>
 __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, const QTile<kHeadDim, kWarps, Element>& q,
-                                       Element* q_s, Element* kv_s, WarpState<kHeadDim>& st) {
+                                       Element* q_s, Element* kv_s, WarpState<kHeadDim>& st,
+                                       const TmaMaps* maps = nullptr, uint64_t* bars = nullptr) {
+  if constexpr (kTma) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    attend_tma<kHeadDim, kWarps, Element, kPaged>(a, w, q, q_s, kv_s, st, maps, bars);
+#endif
+    return;
+  }
   using T = Traits<kHeadDim, kWarps>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
   const int span = w.k_end - w.k_begin;
@@ -852,13 +1105,27 @@ __device__ __forceinline__ void merge_cluster(const DecodeArgs& a, const CtaWork
 
 // One CTA: the Q tile's loads go out first, then the cache lengths (both in flight together), the warps'
 // main loops, their merge, and the split merge or the output.
-template <int kHeadDim, int kWarps, typename Element, bool kPaged>
-__device__ __forceinline__ void decode_cta(const DecodeArgs& a) {
+// kTma: K / V by TMA tiles (maps); the shared memory then starts with the 1024-byte aligned stages
+// (TmaTraits), followed by the statistics, the Q tile and the mbarriers.
+template <int kHeadDim, int kWarps, typename Element, bool kPaged, bool kTma = false>
+__device__ __forceinline__ void decode_cta(const DecodeArgs& a, const TmaMaps* maps = nullptr) {
   using T = Traits<kHeadDim, kWarps>;
   extern __shared__ __align__(16) char smem[];
-  float* stats = reinterpret_cast<float*>(smem);
-  char* scratch = smem + T::kStatFloats * 4;  // K/V stages, then the warps' O
-  Element* q_s = reinterpret_cast<Element*>(scratch + T::kScratchBytes);
+  float* stats;
+  char* scratch;  // K/V stages, then the warps' O
+  Element* q_s;
+  uint64_t* bars = nullptr;
+  if constexpr (kTma) {
+    using TT = TmaTraits<kHeadDim, kWarps>;
+    scratch = smem + ((TT::kAlign - smem_addr(smem) % TT::kAlign) % TT::kAlign);
+    stats = reinterpret_cast<float*>(scratch + TT::kScratchBytes);
+    q_s = reinterpret_cast<Element*>(scratch + TT::kScratchBytes + T::kStatFloats * 4);
+    bars = reinterpret_cast<uint64_t*>(scratch + TT::kScratchBytes + T::kStatFloats * 4 + T::kQBytes);
+  } else {
+    stats = reinterpret_cast<float*>(smem);
+    scratch = smem + T::kStatFloats * 4;
+    q_s = reinterpret_cast<Element*>(scratch + T::kScratchBytes);
+  }
 
   CtaWork w = cta_rows(a);
   if (w.rows <= 0) return;  // the same for every CTA of (b, blockIdx.x): no merge is waiting on it
@@ -866,7 +1133,7 @@ __device__ __forceinline__ void decode_cta(const DecodeArgs& a) {
   q.load(a, w);
   cta_keys<kWarps>(a, w);
   WarpState<kHeadDim> st;
-  attend<kHeadDim, kWarps, Element, kPaged>(a, w, q, q_s, reinterpret_cast<Element*>(scratch), st);
+  attend<kHeadDim, kWarps, Element, kPaged, kTma>(a, w, q, q_s, reinterpret_cast<Element*>(scratch), st, maps, bars);
   merge_warps<kHeadDim, kWarps>(st, stats, reinterpret_cast<float*>(scratch));
   if (a.cluster) {
     merge_cluster<kHeadDim, kWarps, Element>(a, w, stats, reinterpret_cast<float*>(scratch));
@@ -896,47 +1163,135 @@ __global__ void __launch_bounds__(Traits<kHeadDim, kWarps>::kThreads) decode_ker
   }
 }
 
-// Dynamic shared memory above 48 KB.
+// The TMA-tile kernel (DecodeArgs::tma): sm90 only, elsewhere a stub (the host never picks it there).
 template <int kHeadDim, typename Element, bool kPaged, int kWarps>
-cudaError_t configure() {
-  return cudaFuncSetAttribute(decode_kernel<kHeadDim, Element, kPaged, kWarps>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, Traits<kHeadDim, kWarps>::kSmemBytes);
+__global__ void __launch_bounds__(Traits<kHeadDim, kWarps>::kThreads)
+    decode_kernel_tma(const DecodeArgs a, const __grid_constant__ TmaMaps maps) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x == 0) tma_prefetch_map(&maps.k), tma_prefetch_map(&maps.v);
+  decode_cta<kHeadDim, kWarps, Element, kPaged, true>(a, &maps);
+#else
+  __trap();
+#endif
 }
 
+// The kernel and its shared memory for (kTma, ...).
+template <int kHeadDim, typename Element, bool kPaged, int kWarps, bool kTma>
+struct KernelOf {
+  static constexpr int kSmemBytes = Traits<kHeadDim, kWarps>::kSmemBytes;
+  static constexpr auto kernel = decode_kernel<kHeadDim, Element, kPaged, kWarps>;
+};
 template <int kHeadDim, typename Element, bool kPaged, int kWarps>
-Status launch(const DecodeArgs& a, cudaStream_t stream) {
+struct KernelOf<kHeadDim, Element, kPaged, kWarps, true> {
+  static constexpr int kSmemBytes = TmaTraits<kHeadDim, kWarps>::kSmemBytes;
+  static constexpr auto kernel = decode_kernel_tma<kHeadDim, Element, kPaged, kWarps>;
+};
+
+// Dynamic shared memory above 48 KB.
+template <int kHeadDim, typename Element, bool kPaged, int kWarps, bool kTma = false>
+cudaError_t configure() {
+  using K = KernelOf<kHeadDim, Element, kPaged, kWarps, kTma>;
+  return cudaFuncSetAttribute(K::kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
+}
+
+template <int kHeadDim, typename Element, bool kPaged, int kWarps, bool kTma, typename... Extra>
+Status launch(const DecodeArgs& a, cudaStream_t stream, const Extra&... extra) {
   using T = Traits<kHeadDim, kWarps>;
-  auto* kernel = decode_kernel<kHeadDim, Element, kPaged, kWarps>;
-  cudaError_t err = configure<kHeadDim, Element, kPaged, kWarps>();
+  using K = KernelOf<kHeadDim, Element, kPaged, kWarps, kTma>;
+  auto* kernel = K::kernel;
+  cudaError_t err = configure<kHeadDim, Element, kPaged, kWarps, kTma>();
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel setup: ") + cudaGetErrorString(err));
   const dim3 grid(ctas_per_split(a), a.num_splits, a.batch);
   if (a.cluster) {
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = dim3(T::kThreads);
-    config.dynamicSmemBytes = T::kSmemBytes;
+    config.dynamicSmemBytes = K::kSmemBytes;
     config.stream = stream;
     cudaLaunchAttribute cluster;
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = 1, cluster.val.clusterDim.y = a.num_splits, cluster.val.clusterDim.z = 1;
     config.attrs = &cluster;
     config.numAttrs = 1;
-    err = cudaLaunchKernelEx(&config, kernel, a);
+    err = cudaLaunchKernelEx(&config, kernel, a, extra...);
   } else {
-    kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(a);
+    kernel<<<grid, T::kThreads, K::kSmemBytes, stream>>>(a, extra...);
     err = cudaGetLastError();
   }
   if (err != cudaSuccess) return Status::CudaError(std::string("decode kernel launch: ") + cudaGetErrorString(err));
   return Status::Ok();
 }
 
-template <int kHeadDim, typename Element, int kWarps>
-Status launch(const DecodeArgs& a, cudaStream_t stream) {
-  return a.block_table ? launch<kHeadDim, Element, true, kWarps>(a, stream)
-                       : launch<kHeadDim, Element, false, kWarps>(a, stream);
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda); null if absent.
+using TensorMapEncoder = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                      const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                      CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+inline TensorMapEncoder tensor_map_encoder() {
+  static const TensorMapEncoder encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return TensorMapEncoder(nullptr);
+    }
+    return reinterpret_cast<TensorMapEncoder>(fn);
+  }();
+  return encoder;
 }
 
-// Paged and contiguous caches have their own kernels (RowCursor), and so have the two CTA widths.
+// The map of one cache (TmaTraits: 5-D, box (64, kHeadDim / 64, 1, 16, 1), 128-byte swizzle; rows: the
+// rows of a page or of a contiguous cache row). Strides in elements; false when the driver refuses them.
+template <int kHeadDim, typename Element>
+bool encode_cache_map(CUtensorMap* map, const void* base, int64_t head, int64_t row, int64_t batch, const DecodeArgs& a) {
+  const TensorMapEncoder encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  constexpr int64_t kBytes = sizeof(Element);
+  const cuuint64_t dims[5] = {64, cuuint64_t(kHeadDim / 64), cuuint64_t(a.heads_k), cuuint64_t(a.page_size),
+                              cuuint64_t(a.cache_batch)};
+  const cuuint64_t strides[4] = {128, cuuint64_t(head * kBytes), cuuint64_t(row * kBytes), cuuint64_t(batch * kBytes)};
+  const cuuint32_t box[5] = {64, cuuint32_t(kHeadDim / 64), 1, cuuint32_t(kDecodeBlock), 1};
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  const CUtensorMapDataType type =
+      std::is_same_v<Element, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  // L2 promotion of the tiles' reads: 128 bytes unless FLASH_ATTENTION_DECODE_TMA_L2 says "0" / "64" / "256"
+  // (read per call, for A/B runs).
+  CUtensorMapL2promotion l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
+  if (const char* env = std::getenv("FLASH_ATTENTION_DECODE_TMA_L2")) {
+    const std::string v(env);
+    if (v == "0") l2 = CU_TENSOR_MAP_L2_PROMOTION_NONE;
+    if (v == "64") l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_64B;
+    if (v == "256") l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
+  }
+  return encode(map, type, 5, const_cast<void*>(base), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, l2,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int kHeadDim, typename Element, int kWarps>
+Status launch(const DecodeArgs& a, cudaStream_t stream) {
+  if constexpr (kHeadDim % 64 == 0) {
+    // TMA tiles where asked for and where they hold: the whole head dim (no padded kernel), every block in
+    // one page (no left padding; page sizes are multiples of 16), and maps the driver accepts.
+    const bool fits = a.tma && a.head_dim == kHeadDim && a.page_size > 0 &&
+                      (a.block_table == nullptr || (a.cache_leftpad == nullptr && a.page_size % kDecodeBlock == 0));
+    TmaMaps maps;
+    if (fits && encode_cache_map<kHeadDim, Element>(&maps.k, a.k, a.k_head, a.k_row, a.k_batch, a) &&
+        encode_cache_map<kHeadDim, Element>(&maps.v, a.v, a.v_head, a.v_row, a.v_batch, a)) {
+      return a.block_table ? launch<kHeadDim, Element, true, kWarps, true>(a, stream, maps)
+                           : launch<kHeadDim, Element, false, kWarps, true>(a, stream, maps);
+    }
+  }
+  return a.block_table ? launch<kHeadDim, Element, true, kWarps, false>(a, stream)
+                       : launch<kHeadDim, Element, false, kWarps, false>(a, stream);
+}
+
+// Paged and contiguous caches have their own kernels (RowCursor), and so have the two CTA widths and the
+// two ways of loading K / V (cp.async rows, TMA tiles).
 template <int kHeadDim, typename Element>
 Status DecodeKernel<kHeadDim, Element>::run(const DecodeArgs& a, cudaStream_t stream) {
   if (a.warps == kDecodeWarps) return launch<kHeadDim, Element, kDecodeWarps>(a, stream);
@@ -947,12 +1302,22 @@ Status DecodeKernel<kHeadDim, Element>::run(const DecodeArgs& a, cudaStream_t st
                           std::to_string(kHeadDim));
 }
 
+template <int kHeadDim, int kWarps>
+constexpr int smem_either() {
+  if constexpr (kHeadDim % 64 == 0) {
+    return cmax(Traits<kHeadDim, kWarps>::kSmemBytes, TmaTraits<kHeadDim, kWarps>::kSmemBytes);
+  } else {
+    return Traits<kHeadDim, kWarps>::kSmemBytes;
+  }
+}
+
 template <int kHeadDim, typename Element>
 int DecodeKernel<kHeadDim, Element>::smem_bytes(int warps) {
+  // The larger of the two K / V paths' (the TMA kernel's is smaller at every built head dim; max for safety).
   if constexpr (kHasWide) {
-    if (warps == kDecodeWarpsWide) return Traits<kHeadDim, kDecodeWarpsWide>::kSmemBytes;
+    if (warps == kDecodeWarpsWide) return smem_either<kHeadDim, kDecodeWarpsWide>();
   }
-  return Traits<kHeadDim>::kSmemBytes;
+  return smem_either<kHeadDim, kDecodeWarps>();
 }
 
 // Cached per process (the first device that asks; a launch-plan hint only, never a correctness input).

@@ -434,7 +434,10 @@ void choose_tma(const KVCacheParams& p, const DeviceShape& dev, Plan& plan) {
 }
 
 Plan make_plan(const KVCacheParams& p) {
-  const DeviceShape dev = device_shape();
+  DeviceShape dev = device_shape();
+  // The sm90-only plans (wide CTA, cluster merge, TMA tiles) need the kernels' sm90 code, not only an sm90
+  // device: a build without sm90 runs its sm80 code there.
+  with_kernel(p.dtype, p.head_dim, [&](auto kernel) { dev.major = std::min(dev.major, kernel.arch_major()); });
   Plan plan = split_plan(p, dev);
   choose_merge(p, dev, plan);
   choose_tma(p, dev, plan);

@@ -95,6 +95,10 @@ struct DecodeKernel {
   static int smem_bytes(int warps);
   // Resident CTAs per multiprocessor of the current device (0 if the query fails).
   static int ctas_per_sm();
+  // The compute capability (major) the current device's code for these kernels was compiled for: 9 for
+  // sm90 code, 8 where an sm90 device runs sm80 code (a build without sm90: its wide / TMA kernels are
+  // stubs); 0 if the query fails.
+  static int arch_major();
 };
 
 }  // namespace flash_attention::cuda::decode

@@ -1337,4 +1337,14 @@ int DecodeKernel<kHeadDim, Element>::ctas_per_sm() {
   return n;
 }
 
+template <int kHeadDim, typename Element>
+int DecodeKernel<kHeadDim, Element>::arch_major() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, decode_kernel<kHeadDim, Element, false, kDecodeWarps>) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return attr.ptxVersion / 10;  // the virtual architecture the code came from (its __CUDA_ARCH__)
+}
+
 }  // namespace flash_attention::cuda::decode

@@ -57,10 +57,11 @@ struct FwdTraits {
   // Where O outweighs S per thread (head dim > block N: hdim 256, also 192), a warpgroup's exponentials
   // run while its own P V is in flight and its O rescale is skipped when no row max moved
   // (kFwdSkipRescale). ptxas hoists the P V wait above the exponentials unless a memory operation needs
-  // them first; consume_tile stores the row sums. H200, bf16, hdim 256, same run: +6 to +24 % dense and
-  // causal against session 5's kernel (wait hoisted, no skip), +6 to +22 % against the same kernel without the
-  // skip. Not below: hdim 64 -5 to -7 %, hdim 128 -3 to +1 % (the conversions to P then queue behind the
-  // wait instead of hiding under the exponentials), so there the O rescale stays unconditional.
+  // them first; consume_tile stores the row sums. H200, bf16, hdim 256, same run: +8 to +30 % dense and
+  // causal against session 5's kernel (wait hoisted, no skip), +7 to +18 % against the pinned wait without the
+  // skip. Not below: hdim 64 -6 to -8 %, hdim 128 -3 to +2 % (the conversions to P then queue behind the
+  // wait instead of hiding under the exponentials), so there the O rescale stays unconditional
+  // (benchmarks/NOTES.md, session 7).
   static constexpr bool kExpsBeforePVWait = kHeadDim > kBlockN;
   // setmaxnreg budgets: producer + consumers <= 512 registers per thread slot of a warpgroup.
   static constexpr int kProducerRegs = kConsumerWGs == 2 ? 24 : 32;

@@ -495,8 +495,8 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
 
   // First key block: S only.
   Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
-  Tensor tOrP = make_p_fragment<Traits>(tSrS);
-  Tensor tOrP_a = p_as_operand_a<Traits>(tOrP);
+  Tensor tOrP0 = make_p_fragment<Traits>(tSrS);
+  Tensor tOrP1 = make_p_fragment<Traits>(tSrS);  // kDoubleP only (unused, hence dropped, elsewhere)
   pipe_k.consumer_wait(cs.read_k);
   Turns::wait(wg);
   wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, cs.read_k.index()), tSrS);
@@ -507,46 +507,65 @@ CUTE_DEVICE void consume_tile(typename Traits::Params const& p, typename Traits:
   ++cs.read_k;
   release_q_if_last(bi.n_end - 1);
   scores(tSrS, bi.n_end - 1);
-  convert_p<Traits>(tSrS, tOrP);
+  convert_p<Traits>(tSrS, tOrP0);
 
-  // Steady state: S for block n while P V of block n + 1 runs.
-  for (int n = bi.n_end - 2; n >= bi.n_begin; --n) {
+  // Steady state: S for block n while P V of block n + 1 (P in p_in) runs; block n's P goes to p_out, which
+  // is p_in itself unless kDoubleP (then written before the wait: nothing in flight reads it).
+  auto step = [&](int n, auto& p_in, auto& p_out) {
     Tensor tSrS_n = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
     pipe_k.consumer_wait(cs.read_k);
     pipe_v.consumer_wait(cs.read_v);
     Turns::wait(wg);
     wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, cs.read_k.index()), tSrS_n);
-    warpgroup_fence_operand(tOrP);
-    wgmma_gemm<false>(mma_pv, tOrP_a, tOrV(_, _, _, cs.read_v.index()), tOrO);
+    warpgroup_fence_operand(p_in);
+    wgmma_gemm<false>(mma_pv, p_as_operand_a<Traits>(p_in), tOrV(_, _, _, cs.read_v.index()), tOrO);
     Turns::pass(wg);
     warpgroup_wait<1>();
     pipe_k.consumer_release(cs.read_k);
     ++cs.read_k;
     release_q_if_last(n);
     scores(tSrS_n, n);
+    if constexpr (Traits::kDoubleP) convert_p<Traits>(tSrS_n, p_out);
     if constexpr (Traits::kExpsBeforePVWait) {  // the row sums, hence every exponential, before the wait
       *static_cast<volatile float*>(&ss.row_sum_sink[tidx]) = softmax.row_sum[0] + softmax.row_sum[kRows - 1];
     }
     warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrP);
+    warpgroup_fence_operand(p_in);
     pipe_v.consumer_release(cs.read_v);
     ++cs.read_v;
     if (!Traits::kExpsBeforePVWait || !skip_rescale || __any_sync(0xffffffffu, moved)) {
       scale_rows(tOrO_rc, factor);
     }
-    convert_p<Traits>(tSrS_n, tOrP);
+    if constexpr (!Traits::kDoubleP) convert_p<Traits>(tSrS_n, p_out);
+  };
+  // The last P V.
+  auto last_pv = [&](auto& p) {
+    pipe_v.consumer_wait(cs.read_v);
+    Turns::wait(wg);
+    warpgroup_fence_operand(p);
+    wgmma_gemm<false>(mma_pv, p_as_operand_a<Traits>(p), tOrV(_, _, _, cs.read_v.index()), tOrO);
+    Turns::pass(wg);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(p);
+    pipe_v.consumer_release(cs.read_v);
+    ++cs.read_v;
+  };
+  int n = bi.n_end - 2;
+  if constexpr (Traits::kDoubleP) {  // two blocks a trip, so that each P buffer keeps its registers
+    for (; n > bi.n_begin; n -= 2) {
+      step(n, tOrP0, tOrP1);
+      step(n - 1, tOrP1, tOrP0);
+    }
+    if (n == bi.n_begin) {
+      step(n, tOrP0, tOrP1);
+      last_pv(tOrP1);
+    } else {
+      last_pv(tOrP0);
+    }
+  } else {
+    for (; n >= bi.n_begin; --n) step(n, tOrP0, tOrP0);
+    last_pv(tOrP0);
   }
-
-  // Last P V.
-  pipe_v.consumer_wait(cs.read_v);
-  Turns::wait(wg);
-  warpgroup_fence_operand(tOrP);
-  wgmma_gemm<false>(mma_pv, tOrP_a, tOrV(_, _, _, cs.read_v.index()), tOrO);
-  Turns::pass(wg);
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(tOrP);
-  pipe_v.consumer_release(cs.read_v);
-  ++cs.read_v;
 
   // Epilogue: O / rowsum through shared memory and TMA, or as pairs of fp16/bf16 straight from registers;
   // LSE from the quad leader.

@@ -54,15 +54,6 @@ struct FwdTraits {
   static constexpr int kConsumerWGs = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWGs * 128;
   static constexpr int kThreads = kConsumerThreads + 128;
-  // Where O outweighs S per thread (head dim > block N: hdim 256, also 192), a warpgroup's exponentials
-  // run while its own P V is in flight and its O rescale is skipped when no row max moved
-  // (kFwdSkipRescale). ptxas hoists the P V wait above the exponentials unless a memory operation needs
-  // them first; consume_tile stores the row sums. H200, bf16, hdim 256, same run: +8 to +30 % dense and
-  // causal against session 5's kernel (wait hoisted, no skip), +7 to +18 % against the pinned wait without the
-  // skip. Not below: hdim 64 -6 to -8 %, hdim 128 -3 to +2 % (the conversions to P then queue behind the
-  // wait instead of hiding under the exponentials), so there the O rescale stays unconditional
-  // (benchmarks/NOTES.md, session 7).
-  static constexpr bool kExpsBeforePVWait = kHeadDim > kBlockN;
   // setmaxnreg budgets: producer + consumers <= 512 registers per thread slot of a warpgroup.
   static constexpr int kProducerRegs = kConsumerWGs == 2 ? 24 : 32;
   static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
@@ -81,6 +72,22 @@ struct FwdTraits {
   using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element>;
   static_assert(!kFp8 || kBlockN % 32 == 0, "e4m3 P V wgmma needs block_n % 32 == 0");
   static constexpr GMMA::Major kMajorV = kFp8 ? GMMA::Major::K : GMMA::Major::MN;
+  // Where O outweighs S per thread (head dim > block N: hdim 256, also 192), a warpgroup's exponentials
+  // run while its own P V is in flight and its O rescale is skipped when no row max moved
+  // (kFwdSkipRescale). ptxas hoists the P V wait above the exponentials unless a memory operation needs
+  // them first; consume_tile stores the row sums. H200, bf16, hdim 256, same run: +8 to +30 % dense and
+  // causal against session 5's kernel (wait hoisted, no skip), +7 to +18 % against the pinned wait alone.
+  // With one P buffer it does not pay below (hdim 64 -6 to -8 %, hdim 128 -3 to +2 %: the conversions to
+  // P then queue behind the wait instead of hiding under the exponentials); there the wait stays where
+  // ptxas puts it and the O rescale is unconditional, unless P has two buffers (kDoubleP).
+  // benchmarks/NOTES.md, session 7.
+  static constexpr bool kWideO = kHeadDim > kBlockN;
+  // At head dim == block N (hdim 128 up to 2k keys) the P V of block n + 1 reads one P buffer while block
+  // n's P is converted into the other before the wait (consume_tile, two blocks a loop trip), so the
+  // exponentials go before the wait there too; registers per thread: S 64 + O 64 + 2 x P 32. H200, bf16,
+  // same run: +3 to +6 % at 1k / 2k, dense and causal. Not at hdim 64 (N = 128): -3 to +1 %. Not FP8.
+  static constexpr bool kDoubleP = !kFp8 && kHeadDim == kBlockN && kConsumerWGs == 2;
+  static constexpr bool kExpsBeforePVWait = kWideO || kDoubleP;
 
   using MmaPV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, kMajorV>(), WGLayout{}));

@@ -17,10 +17,8 @@ import torch
 
 import bench_decode as bd
 
-VARIANTS = {"cpasync": ("flash_attention", "0", None), "tma": ("flash_attention", "1", None),
-            "cudnn": ("sdpa-cudnn", None, None)}
-EXTRA = {"default": ("flash_attention", "", None), "tma-l2-256": ("flash_attention", "1", "256"),
-         "tma-l2-none": ("flash_attention", "1", "0")}
+VARIANTS = {"cpasync": ("flash_attention", "0"), "tma": ("flash_attention", "1"), "cudnn": ("sdpa-cudnn", None)}
+EXTRA = {"default": ("flash_attention", "")}
 
 
 def main():
@@ -29,7 +27,7 @@ def main():
     parser.add_argument("--seqlen", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRA),
-                        help="also time the default plan, or TMA with this L2 promotion (FLASH_ATTENTION_DECODE_TMA_L2)")
+                        help="also time the default plan")
     parser.add_argument("--out", type=pathlib.Path, default=bd.ROOT / "benchmarks" / "results" / "h200_decode_tma_ab.csv")
     args = parser.parse_args()
     variants = dict(VARIANTS, **{name: EXTRA[name] for name in args.extra})
@@ -44,14 +42,11 @@ def main():
         for run in range(1, args.rounds + 1):
             for batch in args.batch:
                 for seqlen in args.seqlen:
-                    for variant, (impl, tma, l2) in variants.items():
+                    for variant, (impl, tma) in variants.items():
                         if tma:
                             os.environ["FLASH_ATTENTION_DECODE_TMA"] = tma
                         elif tma is not None:  # "": the default plan
                             os.environ.pop("FLASH_ATTENTION_DECODE_TMA", None)
-                        os.environ.pop("FLASH_ATTENTION_DECODE_TMA_L2", None)
-                        if l2 is not None:
-                            os.environ["FLASH_ATTENTION_DECODE_TMA_L2"] = l2
                         ms = bd.time_impl(impl, batch, seqlen, None)
                         if ms is None:
                             continue

@@ -46,7 +46,7 @@ import collections, glob, re, sys
 rows, cudnn = collections.defaultdict(dict), {}
 for f in sorted(glob.glob(sys.argv[1] + "/ab_*.txt")):
     for line in open(f):
-        m = re.match(r"(\S+)@(\d+) d=(\d+) s=(\d+) causal=(\d) ms=\S+ tflops=(\d+)(?: cudnn_tflops=(\d+))?", line)
+        m = re.match(r"(\S+)@(\d+) d=(\d+) s=(\d+) causal=(\d) tflops=(\d+)(?: cudnn_tflops=(\d+))?", line)
         if m:
             key = (int(m[3]), int(m[4]), int(m[5]))
             rows[key].setdefault(m[1], []).append(m[6])

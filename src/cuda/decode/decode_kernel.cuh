@@ -197,6 +197,10 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
 __device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store_float(__half* p, float v) { *p = __float2half_rn(v); }
 
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+// ldmatrix x4 (and .trans, CuTe's) from a pointer into shared memory, or from a shared-window address (the
+// TMA tiles swizzle addresses: "TMA tiles" below).
 template <typename T>
 __device__ __forceinline__ void ldsm_x4(const T* smem, uint32_t (&r)[4]) {
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
@@ -205,6 +209,9 @@ template <typename T>
 __device__ __forceinline__ void ldsm_x4_trans(const T* smem, uint32_t (&r)[4]) {
   cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
 }
+__device__ __forceinline__ const void* smem_ptr(unsigned addr) { return __cvta_shared_to_generic(addr); }
+__device__ __forceinline__ void ldsm_x4_at(unsigned addr, uint32_t (&r)[4]) { ldsm_x4(smem_ptr(addr), r); }
+__device__ __forceinline__ void ldsm_x4_trans_at(unsigned addr, uint32_t (&r)[4]) { ldsm_x4_trans(smem_ptr(addr), r); }
 
 template <typename Element>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -213,7 +220,6 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 
 // 16-byte global -> shared copy that bypasses L1 (zero-filled when !ok); dst: a shared-window address, so
 // that constant offsets fold into the instruction.
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ void cp_async_16(unsigned dst, const void* gmem, bool ok) {
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 16 : 0));
 }
@@ -253,15 +259,6 @@ struct TmaTraits {
   static_assert(kBoxBytes % kAlign == 0 && kScratchBytes % 16 == 0, "aligned boxes");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm90 SM has");
 };
-
-__device__ __forceinline__ void ldsm_x4_at(unsigned addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans_at(unsigned addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void mbar_init(unsigned bar, int count) {
@@ -384,6 +381,13 @@ template <int kHeadDim>
 struct WarpState {
   float acc[kHeadDim / 8][4];
   float m_run[2], l_run[2];
+
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    m_run[0] = m_run[1] = -INFINITY;
+    l_run[0] = l_run[1] = 0.f;
+  }
 };
 
 // ----------------------------------------------------------------------------------------------------
@@ -640,6 +644,36 @@ __device__ __forceinline__ void online_softmax(float (&sc)[2][4], WarpState<kHea
   }
 }
 
+// This thread's accumulator rows g and g + 8 as the scores see them: the key of the diagonal and the ALiBi
+// slope. The scores need the general form (mask_scores) for these features or a block past the sequence end.
+struct ScoreRows {
+  bool general;
+  float scale_log2;
+  int diag[2];
+  float slope[2];
+
+  __device__ __forceinline__ ScoreRows(const DecodeArgs& a, const CtaWork& w, int g)
+      : general(a.softcap > 0.f || a.alibi != nullptr || a.window_left >= 0 || a.window_right >= 0),
+        scale_log2(a.scale * kLog2e) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = g + 8 * hr;
+      const RowRef ref = row_ref(a, w, r);
+      diag[hr] = ref.i + w.offset;
+      slope[hr] = (a.alibi && r < w.rows) ? a.alibi[w.b * a.alibi_batch_stride + ref.h] * kLog2e : 0.f;
+    }
+  }
+  // S -> log2-domain scores of the block whose first key is key0 (t4: this thread's column pair).
+  __device__ __forceinline__ void apply(const DecodeArgs& a, float (&sc)[2][4], int key0, int t4, int sk) const {
+    if (general || key0 + kDecodeBlock > sk) {
+      mask_scores(a, sc, key0 + 2 * t4, diag, slope, sk);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] *= scale_log2;
+    }
+  }
+};
+
 // ----------------------------------------------------------------------------------------------------
 // The warp's main loop
 // ----------------------------------------------------------------------------------------------------
@@ -669,6 +703,43 @@ struct QFragments<kHeadDim, false> {
   }
 };
 
+// One block of 16 keys, whichever way K / V reached shared memory: k_frag(kk, kb) / v_frag(np, vb) load the
+// B fragments of k-slice kk of K and of column pair np of V. S = Q K^T (16 rows x 16 keys: two n-tiles of 8
+// keys; the even and odd k-slices in separate accumulators, half the chain of dependent mma per block: a
+// warp's time per block is latency), the scores, the online softmax, O += P V with P (16 x 16 keys) as the
+// A operand straight from the S fragments.
+template <int kHeadDim, typename Element, typename KFrag, typename VFrag>
+__device__ __forceinline__ void attend_block(const DecodeArgs& a, const ScoreRows& rows, QFragments<kHeadDim>& q_regs,
+                                             const Element* q_frag, KFrag&& k_frag, VFrag&& v_frag, int key0, int sk,
+                                             WarpState<kHeadDim>& st) {
+  float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  float sc_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t kb[4];
+    k_frag(kk, kb);
+    const uint32_t(&qa)[4] = q_regs.frag(q_frag, kk);
+    float(&acc)[2][4] = kk % 2 ? sc_odd : sc;
+    mma<Element>(acc[0], qa, kb[0], kb[1]);
+    mma<Element>(acc[1], qa, kb[2], kb[3]);
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] += sc_odd[i / 4][i % 4];
+
+  rows.apply(a, sc, key0, threadIdx.x % 4, sk);
+  online_softmax<kHeadDim>(sc, st);
+
+  const uint32_t pa[4] = {pack2(sc[0][0], sc[0][1], Element()), pack2(sc[0][2], sc[0][3], Element()),
+                          pack2(sc[1][0], sc[1][1], Element()), pack2(sc[1][2], sc[1][3], Element())};
+#pragma unroll
+  for (int np = 0; np < kHeadDim / 16; ++np) {
+    uint32_t vb[4];
+    v_frag(np, vb);
+    mma<Element>(st.acc[2 * np], pa, vb[0], vb[1]);
+    mma<Element>(st.acc[2 * np + 1], pa, vb[2], vb[3]);
+  }
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // attend() with TMA tiles (TmaTraits): per warp kStages stages of (K box, V box), one mbarrier each; lane 0
 // issues a block's two tensor copies, every lane waits on the stage's phase. The ldmatrix addresses follow
@@ -681,22 +752,11 @@ __device__ __forceinline__ void attend_tma(const DecodeArgs& a, const CtaWork& w
                                            uint64_t* bars) {
   using T = Traits<kHeadDim, kWarps>;
   using TT = TmaTraits<kHeadDim, kWarps>;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int span = w.k_end - w.k_begin;
   const int my_blocks = span > warp ? (span - warp + T::kWarps - 1) / T::kWarps : 0;
   const int first_key = (w.k_begin + warp) * T::kBlock;
-
-  const bool general = a.softcap > 0.f || a.alibi != nullptr || a.window_left >= 0 || a.window_right >= 0;
-  const float scale_log2 = a.scale * kLog2e;
-  int diag[2];
-  float slope[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int r = g + 8 * hr;
-    const RowRef ref = row_ref(a, w, r);
-    diag[hr] = ref.i + w.offset;
-    slope[hr] = (a.alibi && r < w.rows) ? a.alibi[w.b * a.alibi_batch_stride + ref.h] * kLog2e : 0.f;
-  }
+  const ScoreRows rows(a, w, lane / 4);
 
   const unsigned warp_kv_s = smem_addr(kv_s) + warp * T::kStages * TT::kStageBytes;
   const unsigned warp_bar = smem_addr(bars + warp * T::kStages);
@@ -726,10 +786,7 @@ __device__ __forceinline__ void attend_tma(const DecodeArgs& a, const CtaWork& w
   q.store(q_s);
   __syncthreads();  // q_s
 
-#pragma unroll
-  for (int nt = 0; nt < kHeadDim / 8; ++nt) st.acc[nt][0] = st.acc[nt][1] = st.acc[nt][2] = st.acc[nt][3] = 0.f;
-  st.m_run[0] = st.m_run[1] = -INFINITY;
-  st.l_run[0] = st.l_run[1] = 0.f;
+  st.reset();
   const int lm = lane / 8, lr = lane % 8;
   const Element* q_frag = q_s + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
   const int rk = lr + 8 * (lm / 2), rv = lr + 8 * (lm % 2);  // the lane's K / V row for ldmatrix
@@ -756,38 +813,14 @@ __device__ __forceinline__ void attend_tma(const DecodeArgs& a, const CtaWork& w
       __syncwarp();
     }
 
-    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    float sc_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     const unsigned k_addr = stage + k_lane, v_addr = stage + v_lane;
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t kb[4];
-      ldsm_x4_at((k_addr ^ (16 * ((2 * (kk % 4)) ^ (kk / 4)))) + 128 * (kk / 4), kb);
-      const uint32_t(&qa)[4] = q_regs.frag(q_frag, kk);
-      float(&acc)[2][4] = kk % 2 ? sc_odd : sc;
-      mma<Element>(acc[0], qa, kb[0], kb[1]);
-      mma<Element>(acc[1], qa, kb[2], kb[3]);
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] += sc_odd[i / 4][i % 4];
-
-    if (general || key0 + T::kBlock > w.s.sk) {
-      mask_scores(a, sc, key0 + 2 * t4, diag, slope, w.s.sk);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] *= scale_log2;
-    }
-    online_softmax<kHeadDim>(sc, st);
-
-    const uint32_t pa[4] = {pack2(sc[0][0], sc[0][1], Element()), pack2(sc[0][2], sc[0][3], Element()),
-                            pack2(sc[1][0], sc[1][1], Element()), pack2(sc[1][2], sc[1][3], Element())};
-#pragma unroll
-    for (int np = 0; np < kHeadDim / 16; ++np) {
-      uint32_t vb[4];
-      ldsm_x4_trans_at((v_addr ^ (16 * ((2 * (np % 4)) ^ (np / 4)))) + 128 * (np / 4), vb);
-      mma<Element>(st.acc[2 * np], pa, vb[0], vb[1]);
-      mma<Element>(st.acc[2 * np + 1], pa, vb[2], vb[3]);
-    }
+    attend_block<kHeadDim, Element>(
+        a, rows, q_regs, q_frag,
+        [&](int kk, uint32_t(&kb)[4]) { ldsm_x4_at((k_addr ^ (16 * ((2 * (kk % 4)) ^ (kk / 4)))) + 128 * (kk / 4), kb); },
+        [&](int np, uint32_t(&vb)[4]) {
+          ldsm_x4_trans_at((v_addr ^ (16 * ((2 * (np % 4)) ^ (np / 4)))) + 128 * (np / 4), vb);
+        },
+        key0, w.s.sk, st);
   }
 }
 #endif
@@ -805,23 +838,11 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, co
     return;
   }
   using T = Traits<kHeadDim, kWarps>;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int span = w.k_end - w.k_begin;
   const int my_blocks = span > warp ? (span - warp + T::kWarps - 1) / T::kWarps : 0;
   const int first_key = (w.k_begin + warp) * T::kBlock;
-
-  // The scores need the general form (mask_scores) for these features or a block past the sequence end.
-  const bool general = a.softcap > 0.f || a.alibi != nullptr || a.window_left >= 0 || a.window_right >= 0;
-  const float scale_log2 = a.scale * kLog2e;
-  int diag[2];  // this thread's accumulator rows g and g + 8: the key of the diagonal, ALiBi slope
-  float slope[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int r = g + 8 * hr;
-    const RowRef ref = row_ref(a, w, r);
-    diag[hr] = ref.i + w.offset;
-    slope[hr] = (a.alibi && r < w.rows) ? a.alibi[w.b * a.alibi_batch_stride + ref.h] * kLog2e : 0.f;
-  }
+  const ScoreRows rows(a, w, lane / 4);
 
   LaneCopies<kHeadDim, Element> copies;
   copies.init(lane, a.k_row * int64_t(sizeof(Element)), a.v_row * int64_t(sizeof(Element)), a.head_dim);
@@ -844,10 +865,7 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, co
   q.store(q_s);
   __syncthreads();  // q_s
 
-#pragma unroll
-  for (int nt = 0; nt < kHeadDim / 8; ++nt) st.acc[nt][0] = st.acc[nt][1] = st.acc[nt][2] = st.acc[nt][3] = 0.f;
-  st.m_run[0] = st.m_run[1] = -INFINITY;
-  st.l_run[0] = st.l_run[1] = 0.f;
+  st.reset();
   // ldmatrix row addresses: lane -> (matrix lane / 8, row lane % 8).
   const int lm = lane / 8, lr = lane % 8;
   const Element* q_frag = q_s + (lr + 8 * (lm % 2)) * T::kRowElems + 8 * (lm / 2);
@@ -864,42 +882,10 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const CtaWork& w, co
     cp_async_wait<T::kStages - 1>();
     __syncwarp();
     const Element* stage = warp_kv + (n % T::kStages) * T::kStageElems;
-
-    // S = Q K^T: 16 rows x 16 keys (two n-tiles of 8 keys), the even and odd k-slices in separate
-    // accumulators (half the chain of dependent mma per block: a warp's time per block is latency).
-    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    float sc_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t kb[4];
-      ldsm_x4(stage + k_frag_off + kk * 16, kb);
-      const uint32_t(&qa)[4] = q_regs.frag(q_frag, kk);
-      float(&acc)[2][4] = kk % 2 ? sc_odd : sc;
-      mma<Element>(acc[0], qa, kb[0], kb[1]);
-      mma<Element>(acc[1], qa, kb[2], kb[3]);
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] += sc_odd[i / 4][i % 4];
-
-    const int key0 = first_key + n * T::kWarpStride;
-    if (general || key0 + T::kBlock > w.s.sk) {
-      mask_scores(a, sc, key0 + 2 * t4, diag, slope, w.s.sk);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) sc[i / 4][i % 4] *= scale_log2;
-    }
-    online_softmax<kHeadDim>(sc, st);
-
-    // O += P V: P (16 x 16 keys) is the A operand straight from the S fragments.
-    const uint32_t pa[4] = {pack2(sc[0][0], sc[0][1], Element()), pack2(sc[0][2], sc[0][3], Element()),
-                            pack2(sc[1][0], sc[1][1], Element()), pack2(sc[1][2], sc[1][3], Element())};
-#pragma unroll
-    for (int np = 0; np < kHeadDim / 16; ++np) {
-      uint32_t vb[4];
-      ldsm_x4_trans(stage + v_frag_off + np * 16, vb);
-      mma<Element>(st.acc[2 * np], pa, vb[0], vb[1]);
-      mma<Element>(st.acc[2 * np + 1], pa, vb[2], vb[3]);
-    }
+    attend_block<kHeadDim, Element>(
+        a, rows, q_regs, q_frag, [&](int kk, uint32_t(&kb)[4]) { ldsm_x4(stage + k_frag_off + kk * 16, kb); },
+        [&](int np, uint32_t(&vb)[4]) { ldsm_x4_trans(stage + v_frag_off + np * 16, vb); },
+        first_key + n * T::kWarpStride, w.s.sk, st);
   }
   cp_async_wait<0>();
 }
@@ -1258,17 +1244,9 @@ bool encode_cache_map(CUtensorMap* map, const void* base, int64_t head, int64_t 
   const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
   const CUtensorMapDataType type =
       std::is_same_v<Element, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  // L2 promotion of the tiles' reads: 128 bytes unless FLASH_ATTENTION_DECODE_TMA_L2 says "0" / "64" / "256"
-  // (read per call, for A/B runs).
-  CUtensorMapL2promotion l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
-  if (const char* env = std::getenv("FLASH_ATTENTION_DECODE_TMA_L2")) {
-    const std::string v(env);
-    if (v == "0") l2 = CU_TENSOR_MAP_L2_PROMOTION_NONE;
-    if (v == "64") l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_64B;
-    if (v == "256") l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
-  }
   return encode(map, type, 5, const_cast<void*>(base), dims, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, l2,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_128B,  // 256 B: 0.3-9 % slower, none: the same (NOTES, session 7)
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
@@ -1337,14 +1315,21 @@ int DecodeKernel<kHeadDim, Element>::ctas_per_sm() {
   return n;
 }
 
+// Cached per process like ctas_per_sm (every call plans with it); a first device of another arch can only
+// make it smaller, which keeps the sm90-only plans off, never on where they cannot run.
 template <int kHeadDim, typename Element>
 int DecodeKernel<kHeadDim, Element>::arch_major() {
+  static std::atomic<int> known{0};
+  int major = known.load(std::memory_order_relaxed);
+  if (major > 0) return major;
   cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, decode_kernel<kHeadDim, Element, false, kDecodeWarps>) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
-  return attr.ptxVersion / 10;  // the virtual architecture the code came from (its __CUDA_ARCH__)
+  major = attr.ptxVersion / 10;  // the virtual architecture the code came from (its __CUDA_ARCH__)
+  known.store(major, std::memory_order_relaxed);
+  return major;
 }
 
 }  // namespace flash_attention::cuda::decode

@@ -55,7 +55,7 @@ std::string pick_tile(const ForwardParams& p, FwdTile* out) {
   }
   const KernelConfig& want = p.config;
   if (want.is_auto()) {
-    *out = is_local(p) || p.seqlen_k <= tiles->dense_short_keys ? tiles->local : tiles->dense;
+    *out = is_local(p) ? tiles->local : tiles->dense;
     return "";
   }
   if (want.path != KernelPath::kSm90) return "config does not ask for the sm90 path";

@@ -48,7 +48,7 @@ if [[ " $steps " == *" test "* ]]; then
   t=$SECONDS
   ctest --test-dir build/dev -j8 --timeout 120 >"$LOG/ctest.log" 2>&1
   say "ctest rc=$? ($(grep -E 'tests passed|tests failed' "$LOG/ctest.log"))"
-  timeout "${FA_TEST_TIMEOUT:-240}" python3 -m pytest tests/python -q --timeout=600 -p no:cacheprovider -n 8 >"$LOG/pytest.log" 2>&1
+  timeout "${FA_TEST_TIMEOUT:-240}" python3 -m pytest tests/python -q -rs --timeout=600 -p no:cacheprovider -n 8 >"$LOG/pytest.log" 2>&1
   say "pytest: $(tail -1 "$LOG/pytest.log") in $((SECONDS - t)) s"
   grep -E "^(FAILED|ERROR)" "$LOG/pytest.log" | head -20 | tee -a "$OUT/summary.txt"
 fi

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import flash_attention as fa
-from _util import assert_fa_close, max_err, poison_, qkv, ref, varlen_qkv
+from _util import assert_fa_close, max_err, poison_, qkv, ref, skip_unless_dtype_built, varlen_qkv
 
 pytestmark = pytest.mark.gpu
 OPS = torch.ops.flash_attention
 
 # Mirrors src/cuda/sm90/tiles.h: kernel head dim -> (dense tile, causal/local tile).
 SM90_TILES = {
-    64: ("sm90:m128n128w12s2",),
+    64: ("sm90:m128n192w12s2", "sm90:m128n128w12s2"),
     96: ("sm90:m128n128w12s2",),
     128: ("sm90:m128n128w12s2",),
     192: ("sm90:m128n112w12s2",),
@@ -102,6 +102,7 @@ def test_sm90_matches_reference(case, dtype, tile):
     tiles = SM90_TILES[kernel_head_dim(d)]
     if tile >= len(tiles):
         pytest.skip("head dim has one tile")
+    skip_unless_dtype_built(dtype)
     q, k, v = qkv(b, sq, sk, h, hk, d, dtype=dtype, device="cuda")
     check(q, k, v, tiles[tile], **options)
 
@@ -144,6 +145,7 @@ def test_sm90_varlen_hdim64_every_tile(causal):
 
 def test_sm90_strided_inputs():
     config = SM90_TILES[kernel_head_dim(128)][0]
+    skip_unless_dtype_built(torch.float16)
     qkv_packed = torch.randn(2, 333, 3, 4, 128, dtype=torch.float16, device="cuda")
     q, k, v = qkv_packed.unbind(2)                                     # row stride 3 * 4 * 128
     check(q, k, v, config)
@@ -154,6 +156,17 @@ def test_sm90_auto_matches_explicit():
     q, k, v = qkv(2, 512, 512, 4, 4, 128, dtype=torch.bfloat16, device="cuda")
     auto, _ = run(q, k, v, "", causal=True)
     explicit, _ = run(q, k, v, config, causal=True)
+    assert torch.equal(auto, explicit)
+
+
+# hdim 64, tiles.h: dense calls above 2k keys and causal ones above 4k take N = 192, the others N = 128.
+@pytest.mark.parametrize("sk,causal,tile", [(2048, False, 1), (2100, False, 0), (4096, True, 1), (4200, True, 0)])
+def test_sm90_auto_tile_by_key_count(sk, causal, tile):
+    if kernel_head_dim(64) != 64:
+        pytest.skip("no hdim-64 sm90 kernel built")
+    q, k, v = qkv(1, 256, sk, 2, 2, 64, dtype=torch.bfloat16, device="cuda")
+    auto, _ = run(q, k, v, "", causal=causal)
+    explicit, _ = run(q, k, v, SM90_TILES[64][tile], causal=causal)
     assert torch.equal(auto, explicit)
 
 
@@ -182,6 +195,7 @@ def test_sm90_lazy_rescale_with_growing_scores(d, dtype, features, monkeypatch):
     kFwdSkipRescale (hdim 256 kernels) warps whose rows did not move skip the O rescale. Every setting keeps
     FlashAttention's rule, causal and not."""
     d_kernel = kernel_head_dim(d)
+    skip_unless_dtype_built(dtype)
     monkeypatch.setenv("FLASH_ATTENTION_SM90_FWD", features)
     q, k, v = qkv(2, 777, 777, 4, 2, d, dtype=dtype, device="cuda")
     ramp = torch.linspace(0.2, 3.0, k.shape[1], device="cuda", dtype=torch.float32)

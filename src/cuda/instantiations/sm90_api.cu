@@ -55,7 +55,9 @@ std::string pick_tile(const ForwardParams& p, FwdTile* out) {
   }
   const KernelConfig& want = p.config;
   if (want.is_auto()) {
-    *out = is_local(p) ? tiles->local : tiles->dense;
+    const bool long_causal = p.window_left < 0 && tiles->causal_long_keys > 0 && p.seqlen_k > tiles->causal_long_keys;
+    const bool local = is_local(p) ? !long_causal : p.seqlen_k <= tiles->dense_short_keys;
+    *out = local ? tiles->local : tiles->dense;
     return "";
   }
   if (want.path != KernelPath::kSm90) return "config does not ask for the sm90 path";

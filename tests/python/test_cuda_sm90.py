@@ -15,7 +15,7 @@ OPS = torch.ops.flash_attention
 
 # Mirrors src/cuda/sm90/tiles.h: kernel head dim -> (dense tile, causal/local tile).
 SM90_TILES = {
-    64: ("sm90:m128n192w12s2", "sm90:m128n128w12s2"),
+    64: ("sm90:m128n224w12s2", "sm90:m128n128w12s2"),
     96: ("sm90:m128n128w12s2",),
     128: ("sm90:m128n128w12s2",),
     192: ("sm90:m128n112w12s2",),
@@ -159,7 +159,7 @@ def test_sm90_auto_matches_explicit():
     assert torch.equal(auto, explicit)
 
 
-# hdim 64, tiles.h: dense calls above 2k keys and causal ones above 4k take N = 192, the others N = 128.
+# hdim 64, tiles.h: dense calls above 2k keys and causal ones above 4k take N = 224, the others N = 128.
 @pytest.mark.parametrize("sk,causal,tile", [(2048, False, 1), (2100, False, 0), (4096, True, 1), (4200, True, 0)])
 def test_sm90_auto_tile_by_key_count(sk, causal, tile):
     if kernel_head_dim(64) != 64:

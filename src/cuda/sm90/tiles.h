@@ -32,12 +32,13 @@ struct FwdTilePair {
 constexpr FwdTilePair kFwdTiles[] = {
     // 192 x 128 (3 consumer warpgroups, FA3's hdim-64 tile; the kernel supports it) measured slower on the
     // H200 in every case: dense 0.89-1.00x, causal 0.81-0.97x this tile (NOTES.md, "Head dim 64: 192-row tile").
-    // N = 192 for dense calls above 2k keys and causal ones above 4k: fewer block steps per key than N = 128,
+    // N = 224 for dense calls above 2k keys and causal ones above 4k: fewer block steps per key than N = 128,
     // so less of the per-block fixed cost (barriers, row max / sum reductions). H200, bf16, B * S = 16k, 3
-    // alternating rounds (session 8, benchmarks/results/h200_fwd_hd64_tile_ab.csv): dense 4k +1 %, 8k +4 %,
-    // 16k +5 %, 2k even, 1k -10 % (a ragged last block of 5.3); causal 8k +4.5 %, 16k +6.5 %, 4k -1 %, 2k -3 %
-    // (h200_fwd_hd64_causal_ab.csv). N = 160, dense: +1 / +3 / +3 %.
-    {{64, 128, 192, 2}, {64, 128, 128, 2}, 2048, 4096},
+    // alternating rounds (session 8, benchmarks/results/h200_fwd_hd64_*_ab.csv): N = 192 against 128, dense
+    // 4k +1 %, 8k +4 %, 16k +5 %, 2k even, 1k -10 % (a ragged last block of 5.3); causal 8k +4.5 %, 16k +6.5 %,
+    // 4k -1 %, 2k -3 %. N = 224 against 192: dense 4k +5.5 %, 8k +3 %, 16k +2.5 %; causal 8k +2 %, 16k +4.5 %.
+    // N = 256 spills (136-byte stack); N = 160 was below 192.
+    {{64, 128, 224, 2}, {64, 128, 128, 2}, 2048, 4096},
     {{96, 128, 128, 2}, {96, 128, 128, 2}},
     // N = 128 (no ragged last block, O in its own staging buffer, two P buffers: FwdTraits::kDoubleP) at
     // every length since session 7: against N = 176 (one P buffer, the softmax behind the P V wait), H200,

@@ -82,10 +82,11 @@ struct FwdTraits {
   // ptxas puts it and the O rescale is unconditional, unless P has two buffers (kDoubleP).
   // benchmarks/NOTES.md, session 7.
   static constexpr bool kWideO = kHeadDim > kBlockN;
-  // At head dim == block N (hdim 128, every length since session 7) the P V of block n + 1 reads one P buffer while block
-  // n's P is converted into the other before the wait (consume_tile, two blocks a loop trip), so the
-  // exponentials go before the wait there too; registers per thread: S 64 + O 64 + 2 x P 32. H200, bf16,
-  // same run: +3 to +6 % at 1k / 2k, dense and causal. Not at hdim 64 (N = 128): -3 to +1 %. Not FP8.
+  // At head dim == block N (hdim 128, every length since session 7) the P V of block n + 1 reads one P
+  // buffer while block n's P is converted into the other before the wait (consume_tile, two blocks a loop
+  // trip), so the exponentials go before the wait there too; registers per thread: S 64 + O 64 + 2 x P 32.
+  // H200, bf16, same run: +3 to +6 % at 1k / 2k, dense and causal. Not at hdim 64 (N = 128): -3 to +1 %.
+  // Not FP8.
   static constexpr bool kDoubleP = !kFp8 && kHeadDim == kBlockN && kConsumerWGs == 2;
   static constexpr bool kExpsBeforePVWait = kWideO || kDoubleP;
 

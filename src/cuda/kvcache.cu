@@ -317,6 +317,9 @@ void choose_merge(const KVCacheParams& p, const DeviceShape& dev, Plan& plan) {
   plan.cluster = fits && fast;
 }
 
+// Key blocks per warp from which the TMA tiles pay (choose_tma).
+constexpr int64_t kTmaMinBlocks = 4;
+
 // Time model of one launch (microseconds) for the many-CTA regime of make_plan, fitted to H200
 // measurements (benchmarks/results/h200_decode_diag.csv): a wave of resident CTAs lasts kCtaUs + blocks
 // per warp x kBlockUs; each split adds kSplitUs (partials, merge). Its argmin fills the resident slots in
@@ -338,25 +341,44 @@ double model_us(const KVCacheParams& p, int64_t ctas, int64_t blocks_per_warp, i
 //   unset / "auto": wide only there (no explicit num_splits, few CTAs, 4-warp splits in 9..16 or 8 long ones);
 //   "1": wide wherever it is built, with half the 4-warp split count (an explicit num_splits is kept as is);
 //   "0": never (the 4-warp plan).
-enum class Wide { kNever, kAuto, kAlways };
+//
+// How a CTA width other than 4 warps is chosen: never, by the measured rule, or wherever it can run.
+enum class Width { kNever, kAuto, kAlways };
 
-Wide wide_choice(const KVCacheParams& p, const DeviceShape& dev) {
-  bool fits = false;  // built, and its shared memory fits this device (sm120: 99 KB, no)
+// The wide or the narrow CTA (warps): kNever where it is not built, its shared memory does not fit this
+// device (sm120: 99 KB) or the device is not sm90; else by the variable env_name: "0" / "1" / unset (kAuto).
+Width width_choice(const KVCacheParams& p, const DeviceShape& dev, int warps, const char* env_name) {
+  bool fits = false;
   with_kernel(p.dtype, p.head_dim, [&](auto kernel) {
     using K = decltype(kernel);
-    fits = K::kHasWide && K::smem_bytes(decode::kDecodeWarpsWide) <= dev.smem_optin;
+    const bool built = warps == decode::kDecodeWarpsWide ? K::kHasWide : K::kHasNarrow;
+    fits = built && K::smem_bytes(warps) <= dev.smem_optin;
   });
-  if (dev.major < 9 || !fits) return Wide::kNever;
-  const char* env = std::getenv("FLASH_ATTENTION_DECODE_WIDE");
-  if (env != nullptr && env[0] == '0') return Wide::kNever;
-  if (env != nullptr && env[0] == '1') return Wide::kAlways;
-  return Wide::kAuto;
+  if (dev.major < 9 || !fits) return Width::kNever;
+  const char* env = std::getenv(env_name);
+  if (env != nullptr && env[0] == '0') return Width::kNever;
+  if (env != nullptr && env[0] == '1') return Width::kAlways;
+  return Width::kAuto;
 }
+
+// The narrow CTA (decode::kDecodeWarpsNarrow = 3 warps; sm90, head dims with DecodeKernel::kHasNarrow) for
+// the many-CTA regime: with TMA tiles four fit per SM where three 4-warp CTAs do (hdim 128: 54 KB of shared
+// memory, 168 registers), the same 12 warps per SM in 4 / 3 as many slots, so that B x Hk tiles that
+// overflow the 4-warp slots by a part-wave (B = 64 at H 32 / Hk 8: 512 tiles, 396 slots) fit in one wave
+// (528), each warp taking 4 / 3 as many key blocks. H200, same run (benchmarks/NOTES.md, session 9; us per
+// call, 4-warp / narrow): B = 64 1k 70.8 / 67.4, 8k 485 / 475, 32k 1879 / 1873; B = 32 8k 249 / 241, 32k
+// 946 / 933. The time model weighs it against the 4-warp plans, and takes it only where the model says it
+// is kNarrowMargin faster: one long wave of narrow CTAs leaves 3 % of the slots empty (512 of 528), which
+// the model does not see and which cost more than its per-wave saving at B = 64 128k (10 4-warp splits in
+// 13 waves 7369 us, one narrow wave 7482; the model: 0.6 % for narrow).
+// FLASH_ATTENTION_DECODE_NARROW (read per call; the host plan only, for A/B runs): unset = the model's
+// choice, "1" = narrow CTAs wherever the many-CTA regime plans (with the model's split count), "0" = never.
+constexpr double kNarrowMargin = 0.99;
 
 // Splits of the key blocks of the capacity: the requested count or the model's choice, at most kMaxSplits,
 // each a whole number of rounds of the CTA's warps (so that no split is empty), and the CTA width.
 Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
-  const Wide wide = wide_choice(p, dev);
+  const Width wide = width_choice(p, dev, decode::kDecodeWarpsWide, "FLASH_ATTENTION_DECODE_WIDE");
   Plan plan;
   const int tiles = (p.seqlen_q * (p.num_heads / p.num_heads_k) + decode::kDecodeRows - 1) / decode::kDecodeRows;
   plan.ctas_per_split = tiles * p.num_heads_k;
@@ -370,7 +392,7 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
   };
   const int max_splits = static_cast<int>(std::min<int64_t>(decode::kMaxSplits, blocks));
   if (p.num_splits > 0) {
-    if (wide == Wide::kAlways) plan.warps = decode::kDecodeWarpsWide;
+    if (wide == Width::kAlways) plan.warps = decode::kDecodeWarpsWide;
     plan.splits = fewest(std::min(p.num_splits, max_splits));
     return plan;
   }
@@ -378,10 +400,10 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
   // benchmarks/NOTES.md). Few CTAs per split (B x Hk < SMs / 2): the best count puts about one CTA on
   // every SM (B = 1: 16 splits from 8k to 128k keys, B = 8: 2), with at least kMinBlocks key blocks per
   // split (B = 1, 1k keys: 8); more CTAs only add partials to merge. Counts of 9-16 become half as many
-  // wide CTAs (Wide). Many CTAs: 3 fit per SM, and a count that fills whole waves wins at long caches
+  // wide CTAs. Many CTAs: 3 fit per SM, and a count that fills whole waves wins at long caches
   // (B = 64: 3 splits at 8k-32k, 10 at 128k, +6-14 % over 1 split across two runs), so the time model
   // below picks it, keeping kMinBlocksMany blocks per split (B = 64, 1k keys: one split, 9 % faster than
-  // two).
+  // two), or the narrow CTA (four per SM) where that fits the tiles in fewer waves.
   constexpr int64_t kMinBlocks = 8, kMinBlocksMany = 64;
   const int64_t sms = dev.sms;
   const int64_t fill = sms / (int64_t(plan.ctas_per_split) * p.batch);
@@ -394,22 +416,39 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
     const bool past_cluster = splits > decode::kMaxClusterSplits && splits <= 2 * decode::kMaxClusterSplits;
     const bool long_splits = splits == decode::kMaxClusterSplits &&
                              blocks >= int64_t(splits) * 4 * decode::kDecodeWarpsWide;
-    if (wide == Wide::kAlways || (wide == Wide::kAuto && (past_cluster || long_splits))) splits = widen(splits);
+    if (wide == Width::kAlways || (wide == Width::kAuto && (past_cluster || long_splits))) splits = widen(splits);
     plan.splits = fewest(splits);
     return plan;
   }
-  int per_sm = 0;
-  with_kernel(p.dtype, p.head_dim, [&](auto kernel) { per_sm = decltype(kernel)::ctas_per_sm(); });
-  const int64_t slots = sms * std::max(per_sm, 1);
   const int most = int(std::min<int64_t>(max_splits, std::max<int64_t>(1, blocks / kMinBlocksMany)));
   double best = 1e300;
-  for (int s = 1; s <= most; ++s) {
-    const int splits = fewest(s);
-    const double t = model_us(p, int64_t(plan.ctas_per_split) * p.batch * splits, per_split(splits) / plan.warps,
-                              splits, slots);
-    if (t < best) best = t, plan.splits = splits;
+  Width narrow = wide == Width::kAlways ? Width::kNever
+                                        : width_choice(p, dev, decode::kDecodeWarpsNarrow, "FLASH_ATTENTION_DECODE_NARROW");
+  int per_sm[2] = {0, 0};  // 4-warp, narrow
+  with_kernel(p.dtype, p.head_dim, [&](auto kernel) {
+    using K = decltype(kernel);
+    per_sm[0] = K::ctas_per_sm(decode::kDecodeWarps);
+    if (narrow != Width::kNever) per_sm[1] = K::ctas_per_sm(decode::kDecodeWarpsNarrow);
+  });
+  // Only where the narrow CTAs keep as many warps per SM (hdim 128: 4 x 3 = 3 x 4; not hdim 64: 5 x 3 < 4 x 4).
+  if (narrow == Width::kAuto && per_sm[1] * decode::kDecodeWarpsNarrow < per_sm[0] * decode::kDecodeWarps) {
+    narrow = Width::kNever;
   }
-  if (wide == Wide::kAlways) plan.splits = fewest(widen(plan.splits));
+  for (const int warps : {decode::kDecodeWarps, decode::kDecodeWarpsNarrow}) {
+    if (warps == decode::kDecodeWarpsNarrow ? narrow == Width::kNever : narrow == Width::kAlways) continue;
+    const int64_t slots = sms * std::max(per_sm[warps == decode::kDecodeWarpsNarrow], 1);
+    for (int s = 1; s <= most; ++s) {
+      const int64_t per = split_blocks(blocks, s, warps);
+      const int splits = static_cast<int>((blocks + per - 1) / per);
+      // The narrow CTA is for TMA tiles (choose_tma: from kTmaMinBlocks blocks per warp).
+      if (warps == decode::kDecodeWarpsNarrow && narrow == Width::kAuto && per / warps < kTmaMinBlocks) continue;
+      const double t = model_us(p, int64_t(plan.ctas_per_split) * p.batch * splits, per / warps, splits, slots);
+      if (t < best * (warps == decode::kDecodeWarpsNarrow && narrow == Width::kAuto ? kNarrowMargin : 1.0)) {
+        best = t, plan.splits = splits, plan.warps = warps;
+      }
+    }
+  }
+  if (wide == Width::kAlways) plan.splits = fewest(widen(plan.splits));
   return plan;
 }
 
@@ -422,7 +461,6 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
 // FLASH_ATTENTION_DECODE_TMA (read per call, for A/B runs): unset = that rule, "1" = TMA tiles wherever they
 // hold, "0" = never.
 void choose_tma(const KVCacheParams& p, const DeviceShape& dev, Plan& plan) {
-  constexpr int64_t kTmaMinBlocks = 4;
   plan.tma = false;
   if (dev.major < 9) return;
   const char* env = std::getenv("FLASH_ATTENTION_DECODE_TMA");

@@ -452,6 +452,41 @@ def test_cuda_decode_tma(monkeypatch, case):
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), f"num_splits={splits}"
 
 
+# (B, Sq, H, Hk, D, Sk, page, leftpad, dtype): many tiles (B * Hk * row tiles > SMs / 2), so that the plan
+# is the many-CTA one; paged with left padding (cp.async rows), several row tiles, hdim 64
+NARROW_CASES = [(64, 1, 32, 8, 128, 1000, None, False, torch.bfloat16),
+                (40, 1, 32, 8, 128, 3000, 16, False, torch.bfloat16),
+                (33, 5, 16, 4, 128, 777, 48, True, torch.float16),
+                (80, 1, 8, 2, 64, 2000, None, True, torch.bfloat16),
+                (70, 1, 32, 8, 128, 40, 16, False, torch.bfloat16)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", NARROW_CASES, ids=[f"B{c[0]}-Sq{c[1]}-D{c[4]}-Sk{c[5]}-page{c[6]}-lp{int(c[7])}"
+                                                    for c in NARROW_CASES])
+def test_cuda_decode_narrow(monkeypatch, case):
+    """FLASH_ATTENTION_DECODE_NARROW (sm90: 3-warp CTAs, four per SM, in the many-CTA plan; host plan only,
+    elsewhere ignored): with +inf past the sequence ends, empty and short sequences, TMA tiles on and off,
+    the narrow and the 4-warp CTA match the reference, and repeated calls are bit-identical."""
+    B, Sq, H, Hk, D, Sk, page, leftpad, dtype = case
+    if D not in _ops.build_info().get("head_dims", []):
+        pytest.skip(f"head dim {D} not built")
+    pr = make_problem("cuda", dtype=dtype, B=B, Sq=Sq, H=H, Hk=Hk, D=D, Sk=Sk, page=page, new=1,
+                      leftpad=leftpad, seed=Sk + B)
+    pr["cache_seqlens"][0] = 0
+    pr["cache_seqlens"][1] = pr["cache_seqlens"][1].clamp(max=29)
+    if leftpad:
+        pr["cache_leftpad"] = torch.minimum(pr["cache_leftpad"], pr["cache_seqlens"])
+    poison_tail(pr, new=1)
+    for narrow in ("1", "0"):
+        monkeypatch.setenv("FLASH_ATTENTION_DECODE_NARROW", narrow)
+        for tma in ("0", "1"):
+            monkeypatch.setenv("FLASH_ATTENTION_DECODE_TMA", tma)
+            first = run_and_check(pr, causal=Sq > 1)
+            again = flash_attn_with_kvcache(**pr, causal=Sq > 1, return_softmax_lse=True)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), f"narrow={narrow} tma={tma}"
+
+
 @needs_cuda
 def test_cuda_unaligned_q():
     """q whose rows are not 16-byte aligned (odd strides, an odd base offset): the decode kernel reads q in

@@ -6,8 +6,10 @@
 // grid = (row_tiles * Hk, num_splits, B). With several splits, every CTA writes fp32 partials and the last
 // CTA of a (batch, row tile, KV head) to finish merges them in split order, in the same launch
 // (deterministic: the order does not depend on which CTA arrives last), or, on sm90, the splits form one
-// cluster and merge through distributed shared memory. A CTA has kDecodeWarps warps, or kDecodeWarpsWide
-// (sm90, few tiles: the same warps in flight with half the splits, so that they fit in one cluster).
+// cluster and merge through distributed shared memory. A CTA has kDecodeWarps warps, or on sm90
+// kDecodeWarpsWide (few tiles: the same warps in flight with half the splits, so that they fit in one
+// cluster) or kDecodeWarpsNarrow (many tiles: four CTAs per SM instead of three, the same warps in more
+// slots).
 #pragma once
 
 #include <cstddef>
@@ -24,6 +26,7 @@ constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 constexpr int kDecodeRows = 16;      // packed query rows per head (the m of mma.m16n8k16)
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeWarpsWide = 8;  // the wide CTA (DecodeArgs::warps)
+constexpr int kDecodeWarpsNarrow = 3;  // the narrow CTA (DecodeArgs::warps)
 constexpr int kDecodeBlock = 16;     // keys per warp step
 constexpr int kMaxSplits = 128;      // split-KV parts of one launch
 
@@ -72,7 +75,9 @@ struct DecodeArgs {
   // sm90, num_splits <= kMaxClusterSplits: the splits of one (b, tile) run as one thread block cluster and
   // merge through distributed shared memory (no partials, no counters).
   bool cluster = false;
-  int warps = kDecodeWarps;  // warps per CTA: kDecodeWarps, or kDecodeWarpsWide (sm90 only, DecodeKernel::kHasWide)
+  // Warps per CTA: kDecodeWarps, or (sm90 only) kDecodeWarpsWide (DecodeKernel::kHasWide) or
+  // kDecodeWarpsNarrow (kHasNarrow).
+  int warps = kDecodeWarps;
   // sm90: load K / V blocks by 2-D TMA (one tensor copy per K / V block, decode_kernel.cuh "TMA tiles") where
   // the kernel can (DecodeKernel::run: head_dim == the kernel's, a multiple of 64; paged caches without left
   // padding; the driver encodes the tensor maps); elsewhere the cp.async path.
@@ -90,11 +95,16 @@ struct DecodeKernel {
   // Whether the wide CTA (kDecodeWarpsWide warps) is built: its shared memory (hdim 128: 141 KB) fits an sm90
   // SM up to hdim 192; built up to 128 (compile time), for sm90 only (elsewhere it traps).
   static constexpr bool kHasWide = kHeadDim <= 128;
+  // Whether the narrow CTA (kDecodeWarpsNarrow warps) is built: four fit per SM where three 4-warp CTAs do
+  // (hdim 128, TMA tiles: 54 KB of shared memory, 168 registers), the same warps in 4 / 3 as many slots;
+  // head dims up to 128 that TMA tiles serve, for sm90 only (elsewhere it traps).
+  static constexpr bool kHasNarrow = kHeadDim <= 128 && kHeadDim % 64 == 0;
   static Status run(const DecodeArgs& args, cudaStream_t stream);
   // Dynamic shared memory of a CTA of `warps` warps (kDecodeWarps, or kDecodeWarpsWide when kHasWide).
   static int smem_bytes(int warps);
-  // Resident CTAs per multiprocessor of the current device (0 if the query fails).
-  static int ctas_per_sm();
+  // Resident CTAs of `warps` warps per multiprocessor of the current device (0 if the query fails); the
+  // narrow CTA's with TMA tiles, the only K / V path the host picks it for.
+  static int ctas_per_sm(int warps = kDecodeWarps);
   // The compute capability (major) the current device's code for these kernels was compiled for: 9 for
   // sm90 code, 8 where an sm90 device runs sm80 code (a build without sm90: its wide / TMA kernels are
   // stubs); 0 if the query fails.

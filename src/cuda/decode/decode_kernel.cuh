@@ -1,15 +1,15 @@
 // Split-KV attention over a (paged) KV cache on the tensor cores (mma.sync m16n8k16, CuTe atoms).
 //
-// One CTA (kWarps = 4 warps, or 8: the wide CTA, sm90) = (16 packed query rows of one KV head, split,
-// batch); see decode_args.h. The CTA's key range is cut into blocks of 16 keys; warp w takes blocks w,
-// w + kWarps, ... and runs on its own (no CTA barrier per block): a private 2-stage cp.async pipeline of
-// 16-byte loads (K and V rows of its block), S = Q K^T and O += P V with mma.sync, and an online softmax on
-// the accumulator fragments. At the end the warps merge their (max, sum, O) through shared memory in a
-// fixed order; the CTA writes the output + lse (one split), or its split is merged with the others:
-// through distributed shared memory when the splits form one cluster (sm90, at most 8 splits:
-// merge_cluster), else through fp32 partials that the last CTA of the splits to arrive merges
-// (merge_splits). The Q tile's loads go out before the cache lengths' (QTile), so that Q has landed in
-// shared memory, not just been requested, by the time the first K / V block arrives.
+// One CTA (kWarps = 4 warps; on sm90 also 8, the wide CTA, or 3, the narrow one) = (16 packed query rows of
+// one KV head, split, batch); see decode_args.h. The CTA's key range is cut into blocks of 16 keys; warp w
+// takes blocks w, w + kWarps, ... and runs on its own (no CTA barrier per block): a private 2-stage cp.async
+// pipeline of 16-byte loads (K and V rows of its block), S = Q K^T and O += P V with mma.sync, and an online
+// softmax on the accumulator fragments. At the end the warps merge their (max, sum, O) through shared memory
+// in a fixed order; the CTA writes the output + lse (one split), or its split is merged with the others:
+// through distributed shared memory when the splits form one cluster (sm90, at most 8 splits: merge_cluster),
+// else through fp32 partials that the last CTA of the splits to arrive merges (merge_splits). The Q tile's
+// loads go out before the cache lengths' (QTile), so that Q has landed in shared memory, not just been
+// requested, by the time the first K / V block arrives.
 //
 // Measured on H200 (benchmarks/results/h200_decode_diag.csv): a warp needed about 1.75 us per block of 16
 // keys whatever else ran on its SM, which matched the SM's issue rate at ~900 instructions per block with
@@ -1129,8 +1129,8 @@ __device__ __forceinline__ void decode_cta(const DecodeArgs& a, const TmaMaps* m
   if (a.num_splits > 1) merge_splits<kHeadDim, kWarps, Element>(a, w, stats);
 }
 
-// The wide CTA runs on sm90 only (the host picks it there): other archs get a stub, which keeps their
-// compile time and code size as before.
+// The wide and narrow CTAs run on sm90 only (the host picks them there): other archs get a stub, which
+// keeps their compile time and code size as before.
 template <int kWarps>
 __device__ constexpr bool compiled_for_this_arch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -1268,13 +1268,16 @@ Status launch(const DecodeArgs& a, cudaStream_t stream) {
                        : launch<kHeadDim, Element, false, kWarps, false>(a, stream);
 }
 
-// Paged and contiguous caches have their own kernels (RowCursor), and so have the two CTA widths and the
-// two ways of loading K / V (cp.async rows, TMA tiles).
+// Paged and contiguous caches have their own kernels (RowCursor), and so have the three CTA widths and
+// the two ways of loading K / V (cp.async rows, TMA tiles).
 template <int kHeadDim, typename Element>
 Status DecodeKernel<kHeadDim, Element>::run(const DecodeArgs& a, cudaStream_t stream) {
   if (a.warps == kDecodeWarps) return launch<kHeadDim, Element, kDecodeWarps>(a, stream);
   if constexpr (kHasWide) {
     if (a.warps == kDecodeWarpsWide) return launch<kHeadDim, Element, kDecodeWarpsWide>(a, stream);
+  }
+  if constexpr (kHasNarrow) {
+    if (a.warps == kDecodeWarpsNarrow) return launch<kHeadDim, Element, kDecodeWarpsNarrow>(a, stream);
   }
   return Status::Internal("decode kernel: no CTA of " + std::to_string(a.warps) + " warps for head dim " +
                           std::to_string(kHeadDim));
@@ -1295,24 +1298,35 @@ int DecodeKernel<kHeadDim, Element>::smem_bytes(int warps) {
   if constexpr (kHasWide) {
     if (warps == kDecodeWarpsWide) return smem_either<kHeadDim, kDecodeWarpsWide>();
   }
+  if constexpr (kHasNarrow) {
+    if (warps == kDecodeWarpsNarrow) return smem_either<kHeadDim, kDecodeWarpsNarrow>();
+  }
   return smem_either<kHeadDim, kDecodeWarps>();
 }
 
 // Cached per process (the first device that asks; a launch-plan hint only, never a correctness input).
-template <int kHeadDim, typename Element>
-int DecodeKernel<kHeadDim, Element>::ctas_per_sm() {
-  using T = Traits<kHeadDim>;
+template <int kHeadDim, typename Element, int kWarps, bool kTma>
+int resident_ctas() {
+  using K = KernelOf<kHeadDim, Element, false, kWarps, kTma>;
   static std::atomic<int> known{0};
   int n = known.load(std::memory_order_relaxed);
   if (n > 0) return n;
-  if (configure<kHeadDim, Element, false, kDecodeWarps>() != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<kHeadDim, Element, false, kDecodeWarps>,
-                                                    T::kThreads, T::kSmemBytes) != cudaSuccess) {
+  if (configure<kHeadDim, Element, false, kWarps, kTma>() != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, K::kernel, Traits<kHeadDim, kWarps>::kThreads,
+                                                    K::kSmemBytes) != cudaSuccess) {
     cudaGetLastError();  // clear the error so that the next launch reports its own
     return 0;
   }
   known.store(n, std::memory_order_relaxed);
   return n;
+}
+
+template <int kHeadDim, typename Element>
+int DecodeKernel<kHeadDim, Element>::ctas_per_sm(int warps) {
+  if constexpr (kHasNarrow) {
+    if (warps == kDecodeWarpsNarrow) return resident_ctas<kHeadDim, Element, kDecodeWarpsNarrow, true>();
+  }
+  return resident_ctas<kHeadDim, Element, kDecodeWarps, false>();
 }
 
 // Cached per process like ctas_per_sm (every call plans with it); a first device of another arch can only

@@ -289,9 +289,40 @@ __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
 
+// A warp's walk through the page table of a paged cache, kStride keys per step: key j of the sequence
+// (sk keys), page column col, row in the page. page_at(dj, dcol): the page dcol columns on, for key j + dj;
+// -1 past the sequence end, past the table's columns or for an entry outside the cache (a bad page). Used
+// by both ways of loading K / V (RowCursor, TmaCursor).
+template <int kStride>
+struct PageWalk {
+  const int32_t* entry = nullptr;  // block_table[b][col]
+  int page_size = 0, max_blocks = 0, pages = 0;
+  int j = 0, sk = 0, col = 0, row = 0;
+
+  __device__ __forceinline__ void init(const DecodeArgs& a, const CtaWork& w, int j0) {
+    page_size = a.page_size, max_blocks = a.max_blocks, pages = a.cache_batch;
+    j = j0;
+    sk = w.s.sk;
+    const int pos = w.s.leftpad + j0;
+    col = pos / page_size;
+    row = pos - col * page_size;
+    entry = a.block_table + w.b * a.block_table_stride + col;
+  }
+  __device__ __forceinline__ int page_at(int dj, int dcol) const {
+    if (j + dj >= sk || col + dcol >= max_blocks) return -1;
+    const int p = __ldg(entry + dcol);
+    return p >= 0 && p < pages ? p : -1;
+  }
+  __device__ __forceinline__ void step() {
+    j += kStride;
+    row += kStride;
+    while (row >= page_size) row -= page_size, ++col, ++entry;
+  }
+};
+
 // The (row, batch or page) coordinates of a warp's blocks: contiguous caches advance the row by a constant;
-// paged ones walk the page table as RowCursor<true> does (host: no left padding, so that a block never
-// spans two pages). -1: a bad cache row or page (out of the tensor: zeros).
+// paged ones walk the page table (PageWalk; host: no left padding, so that a block never spans two pages).
+// -1: a bad cache row or page (out of the tensor: zeros).
 template <bool kPaged, int kStride>
 struct TmaCursor;
 
@@ -306,30 +337,15 @@ struct TmaCursor<false, kStride> {
 };
 
 template <int kStride>
-struct TmaCursor<true, kStride> {
-  const int32_t* entry = nullptr;  // block_table[b][col]
-  int page_size = 0, max_blocks = 0, pages = 0;
-  int j = 0, sk = 0, col = 0, row = 0, batch = -1;  // row: in the page; batch: the page
+struct TmaCursor<true, kStride> : PageWalk<kStride> {
+  int batch = -1;  // the page (row: PageWalk's row in the page)
   __device__ __forceinline__ void init(const DecodeArgs& a, const CtaWork& w, int j0) {
-    page_size = a.page_size, max_blocks = a.max_blocks, pages = a.cache_batch;
-    j = j0;
-    sk = w.s.sk;
-    const int pos = w.s.leftpad + j0;
-    col = pos / page_size;
-    row = pos - col * page_size;
-    entry = a.block_table + w.b * a.block_table_stride + col;
-    lookup();
-  }
-  __device__ __forceinline__ void lookup() {
-    int p = -1;
-    if (j < sk && col < max_blocks) p = __ldg(entry);
-    batch = p >= 0 && p < pages ? p : -1;
+    PageWalk<kStride>::init(a, w, j0);
+    batch = this->page_at(0, 0);
   }
   __device__ __forceinline__ void advance() {
-    j += kStride;
-    row += kStride;
-    while (row >= page_size) row -= page_size, ++col, ++entry;
-    lookup();
+    this->step();
+    batch = this->page_at(0, 0);
   }
 };
 
@@ -454,13 +470,12 @@ struct RowCursor<false, kStride> {
 // page(s) of the next block are loaded ahead (-1: no such key or a bad page index, zero-filled). A block
 // spans two pages only when the left padding is not a multiple of 16 (page sizes are).
 template <int kStride>
-struct RowCursor<true, kStride> {
+struct RowCursor<true, kStride> : PageWalk<kStride> {
+  using PageWalk<kStride>::page_size, PageWalk<kStride>::sk, PageWalk<kStride>::j, PageWalk<kStride>::row;
   const char* k0 = nullptr;  // page 0, row 0, plus the lane's offset (LaneCopies)
   const char* v0 = nullptr;
   int64_t k_page = 0, v_page = 0, k_rb = 0, v_rb = 0;
-  const int32_t* entry = nullptr;  // block_table[b][col]
-  int page_size = 0, max_blocks = 0, pages = 0;
-  int j = 0, sk = 0, col = 0, prow = 0, page = -1, page2 = -1;
+  int page = -1, page2 = -1;
 
   template <typename Element>
   __device__ __forceinline__ void init(const DecodeArgs& a, const CtaWork& w, int j0, int64_t k_lane, int64_t v_lane) {
@@ -469,31 +484,20 @@ struct RowCursor<true, kStride> {
     v0 = reinterpret_cast<const char*>(static_cast<const Element*>(a.v) + w.hk * a.v_head) + v_lane;
     k_page = a.k_batch * kBytes, v_page = a.v_batch * kBytes;
     k_rb = a.k_row * kBytes, v_rb = a.v_row * kBytes;
-    page_size = a.page_size, max_blocks = a.max_blocks, pages = a.cache_batch;
-    j = j0;
-    sk = w.s.sk;
-    const int pos = w.s.leftpad + j0;
-    col = pos / page_size;
-    prow = pos - col * page_size;
-    entry = a.block_table + w.b * a.block_table_stride + col;
+    PageWalk<kStride>::init(a, w, j0);
     lookup();
   }
-  __device__ __forceinline__ int load_page(int dj, int dcol) const {
-    if (j + dj >= sk || col + dcol >= max_blocks) return -1;
-    const int p = __ldg(entry + dcol);
-    return p >= 0 && p < pages ? p : -1;
-  }
   __device__ __forceinline__ void lookup() {
-    const int split = page_size - prow;
-    page = load_page(0, 0);
-    page2 = split < kDecodeBlock ? load_page(split, 1) : -1;
+    const int split = page_size - row;
+    page = this->page_at(0, 0);
+    page2 = split < kDecodeBlock ? this->page_at(split, 1) : -1;
   }
-  __device__ __forceinline__ bool whole() const { return prow + kDecodeBlock <= page_size && j + kDecodeBlock <= sk; }
+  __device__ __forceinline__ bool whole() const { return row + kDecodeBlock <= page_size && j + kDecodeBlock <= sk; }
   // kWhole: whole() holds, the second page is not needed.
   template <bool kWhole>
   __device__ __forceinline__ BlockRows rows() const {
-    const int split = page_size - prow;
-    const unsigned p1 = max(page, 0), r = prow;  // unsigned: no sign extension in the products
+    const int split = page_size - row;
+    const unsigned p1 = max(page, 0), r = row;  // unsigned: no sign extension in the products
     BlockRows b{k0 + p1 * k_page + r * k_rb, v0 + p1 * v_page + r * v_rb, nullptr, nullptr,
                 k_rb, v_rb, split, sk - j, page >= 0, page2 >= 0};
     if constexpr (!kWhole) {
@@ -504,9 +508,7 @@ struct RowCursor<true, kStride> {
     return b;
   }
   __device__ __forceinline__ void advance() {
-    j += kStride;
-    prow += kStride;
-    while (prow >= page_size) prow -= page_size, ++col, ++entry;
+    this->step();
     lookup();
   }
 };

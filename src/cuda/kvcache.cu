@@ -430,8 +430,12 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
     per_sm[0] = K::ctas_per_sm(decode::kDecodeWarps);
     if (narrow != Width::kNever) per_sm[1] = K::ctas_per_sm(decode::kDecodeWarpsNarrow);
   });
-  // Only where the narrow CTAs keep as many warps per SM (hdim 128: 4 x 3 = 3 x 4; not hdim 64: 5 x 3 < 4 x 4).
-  if (narrow == Width::kAuto && per_sm[1] * decode::kDecodeWarpsNarrow < per_sm[0] * decode::kDecodeWarps) {
+  // Only where the narrow CTAs keep as many warps per SM (hdim 128: 4 x 3 = 3 x 4; not hdim 64: 5 x 3 < 4 x 4)
+  // and where TMA tiles can serve the call (DecodeKernel::run: whole head dims, paged caches without left
+  // padding): with cp.async rows three narrow CTAs fit per SM, not four.
+  const bool tma_holds = p.head_dim % 64 == 0 && (p.block_table == nullptr || p.cache_leftpad == nullptr);
+  if (narrow == Width::kAuto &&
+      (!tma_holds || per_sm[1] * decode::kDecodeWarpsNarrow < per_sm[0] * decode::kDecodeWarps)) {
     narrow = Width::kNever;
   }
   for (const int warps : {decode::kDecodeWarps, decode::kDecodeWarpsNarrow}) {

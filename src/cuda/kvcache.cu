@@ -383,9 +383,11 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
   const int tiles = (p.seqlen_q * (p.num_heads / p.num_heads_k) + decode::kDecodeRows - 1) / decode::kDecodeRows;
   plan.ctas_per_split = tiles * p.num_heads_k;
   const int64_t blocks = key_blocks(p);
-  // Rounds of plan.warps, as the kernel cuts them; widen() switches to the wide CTA.
-  auto per_split = [&](int splits) { return split_blocks(blocks, splits, plan.warps); };
-  auto fewest = [&](int splits) { return static_cast<int>((blocks + per_split(splits) - 1) / per_split(splits)); };
+  // Rounds of the CTA's warps, as the kernel cuts them; widen() switches to the wide CTA.
+  auto fewest = [&](int splits, int warps) {
+    const int64_t per = split_blocks(blocks, splits, warps);
+    return static_cast<int>((blocks + per - 1) / per);
+  };
   auto widen = [&](int splits) {
     plan.warps = decode::kDecodeWarpsWide;
     return (splits + 1) / 2;
@@ -393,7 +395,7 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
   const int max_splits = static_cast<int>(std::min<int64_t>(decode::kMaxSplits, blocks));
   if (p.num_splits > 0) {
     if (wide == Width::kAlways) plan.warps = decode::kDecodeWarpsWide;
-    plan.splits = fewest(std::min(p.num_splits, max_splits));
+    plan.splits = fewest(std::min(p.num_splits, max_splits), plan.warps);
     return plan;
   }
   // Two regimes, measured on the H200 (H 32 / Hk 8, D 128; benchmarks/results/h200_decode_splits.csv and
@@ -417,7 +419,7 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
     const bool long_splits = splits == decode::kMaxClusterSplits &&
                              blocks >= int64_t(splits) * 4 * decode::kDecodeWarpsWide;
     if (wide == Width::kAlways || (wide == Width::kAuto && (past_cluster || long_splits))) splits = widen(splits);
-    plan.splits = fewest(splits);
+    plan.splits = fewest(splits, plan.warps);
     return plan;
   }
   const int most = int(std::min<int64_t>(max_splits, std::max<int64_t>(1, blocks / kMinBlocksMany)));
@@ -442,8 +444,8 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
     if (warps == decode::kDecodeWarpsNarrow ? narrow == Width::kNever : narrow == Width::kAlways) continue;
     const int64_t slots = sms * std::max(per_sm[warps == decode::kDecodeWarpsNarrow], 1);
     for (int s = 1; s <= most; ++s) {
-      const int64_t per = split_blocks(blocks, s, warps);
-      const int splits = static_cast<int>((blocks + per - 1) / per);
+      const int splits = fewest(s, warps);
+      const int64_t per = split_blocks(blocks, splits, warps);
       // The narrow CTA is for TMA tiles (choose_tma: from kTmaMinBlocks blocks per warp).
       if (warps == decode::kDecodeWarpsNarrow && narrow == Width::kAuto && per / warps < kTmaMinBlocks) continue;
       const double t = model_us(p, int64_t(plan.ctas_per_split) * p.batch * splits, per / warps, splits, slots);
@@ -452,7 +454,10 @@ Plan split_plan(const KVCacheParams& p, const DeviceShape& dev) {
       }
     }
   }
-  if (wide == Width::kAlways) plan.splits = fewest(widen(plan.splits));
+  if (wide == Width::kAlways) {
+    const int splits = widen(plan.splits);  // sets plan.warps
+    plan.splits = fewest(splits, plan.warps);
+  }
   return plan;
 }
 
